@@ -1,0 +1,26 @@
+# The two commands of the README: `make demo` and `make test`. Each creates the
+# environment (.venv, from the pins in pyproject.toml) when it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench lint clean-demo
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,slurm]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/moaflow demo --cores 2
+
+test: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint --configfile config/demo.yaml
+
+clean-demo:
+	rm -rf results/standin results/bbbc021 results/bbbc014

@@ -1,0 +1,13 @@
+# moaflow: Kensert, Harrison & Spjuth (2019) end to end. Stages live in workflow/rules/.
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/download.smk"
+include: "workflow/rules/image_table.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

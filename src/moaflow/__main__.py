@@ -1,0 +1,5 @@
+import sys
+
+from moaflow.cli import main
+
+sys.exit(main())

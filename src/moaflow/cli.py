@@ -1,0 +1,229 @@
+"""``moaflow`` command line: one sub-command per workflow step, plus the demo.
+
+Each Snakemake rule calls one sub-command, so every step can also be run (and
+debugged) by hand. Errors end with exit status 1 and one line naming the
+file, key or value at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from moaflow import download, image_table, standin
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        rows, columns = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ROWSxCOLUMNS, e.g. 1024x1280") from None
+    return rows, columns
+
+
+def _cmd_standin(args) -> None:
+    if args.dataset == "bbbc021":
+        standin.write_bbbc021(
+            args.out, n_plates=args.plates, sites=args.sites, dmso_wells=args.dmso_wells, moas=args.moas,
+            compounds_per_moa=args.compounds_per_moa,
+            concentrations_per_compound=args.concentrations_per_compound,
+            shape=args.shape or (1024, 1280), seed=args.seed)
+    else:
+        standin.write_bbbc014(args.out, shape=args.shape or (1024, 1360), dapi_channel=args.dapi_channel,
+                              seed=args.seed)
+
+
+def _cmd_serve(args) -> None:
+    from moaflow.serve import StandinServer
+
+    server = StandinServer(args.root, args.port, ignore_range=args.ignore_range, rate=args.rate)
+    print(f"serving {args.root} at {server.url} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def _cmd_fetch(args) -> None:
+    verify = download.verify_zip if args.kind == "zip" else None
+    download.fetch(args.url, args.output, retries=args.retries, backoff_seconds=args.backoff,
+                   timeout_seconds=args.timeout, verify=verify)
+
+
+def _check_tiff(path: Path) -> None:
+    import tifffile
+
+    try:
+        image = tifffile.imread(path)
+    except Exception as exc:  # tifffile raises several types for damaged files
+        raise download.VerificationError(f"{path}: not a readable TIFF ({exc})") from exc
+    if image.ndim != 2:
+        raise download.VerificationError(f"{path}: expected a single-channel image, got shape {image.shape}")
+
+
+def _check_bmp(path: Path) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as exc:  # PIL raises several types for damaged files
+        raise download.VerificationError(f"{path}: not a readable BMP ({exc})") from exc
+
+
+def _cmd_extract_bbbc021(args) -> None:
+    expected = image_table.plate_file_names(args.image_csv, args.plate)
+    download.extract_archive(args.archive, args.output, member_root=args.plate, expected=expected,
+                             check_file=_check_tiff)
+
+
+def _cmd_extract_bbbc014(args) -> None:
+    target = download.extract_archive(args.archive, args.output, member_root=args.member_root,
+                                      check_file=_check_bmp)
+    found = sum(1 for _ in target.iterdir())
+    if found != args.expected_images:
+        import shutil
+
+        shutil.rmtree(target)
+        raise download.VerificationError(
+            f"{args.archive}: {found} images under {args.member_root}/, expected {args.expected_images} "
+            "(bbbc014.expected_images)")
+
+
+def _cmd_table(args) -> None:
+    if args.dataset == "bbbc021":
+        table = image_table.bbbc021_image_table(args.image_csv, args.moa_csv, args.image_root,
+                                                plates=args.plates, taxol_rule=not args.no_taxol_rule)
+        annotated = table[~table["is_dmso"]]
+        print(f"{len(annotated)} annotated fields, {annotated['compound'].nunique()} compounds, "
+              f"{annotated['treatment'].nunique()} treatments, {annotated['moa'].nunique()} MoAs, "
+              f"{int(table['is_dmso'].sum())} DMSO fields", file=sys.stderr)
+    else:
+        settings = json.loads(args.settings)
+        table = image_table.bbbc014_image_table(
+            args.image_root, filename_regex=settings["filename_regex"], dapi_channel=settings["dapi_channel"],
+            cell_lines=settings["cell_lines"], positive_columns=settings["positive_columns"],
+            negative_columns=settings["negative_columns"])
+        print(f"{len(table)} wells, {int((table['label'] >= 0).sum())} labelled", file=sys.stderr)
+    image_table.write_table(table, args.output)
+
+
+def _cmd_demo(args) -> int:
+    import yaml
+
+    from moaflow.serve import StandinServer
+
+    config_path = Path(args.configfile)
+    settings = yaml.safe_load(config_path.read_text()).get("standin")
+    if not settings:
+        raise ValueError(f"{config_path}: no 'standin' section; the demo needs one to build its data")
+    out = Path(settings["out_dir"])
+    wanted = {"bbbc021": settings["bbbc021"], "bbbc014": settings["bbbc014"]}
+    stamp = out / "settings.json"
+    if not stamp.exists() or json.loads(stamp.read_text()) != wanted:
+        print(f"building the stand-in data in {out} ...", flush=True)
+        b021, b014 = dict(settings["bbbc021"]), dict(settings["bbbc014"])
+        standin.write_bbbc021(out, shape=tuple(b021.pop("shape")), **b021)
+        standin.write_bbbc014(out, shape=tuple(b014.pop("shape")), **b014)
+        stamp.write_text(json.dumps(wanted))
+    env = dict(os.environ)
+    # Rules call `moaflow`: make the interpreter's own bin folder win on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    command = [str(Path(sys.executable).parent / "snakemake"), "--configfile", str(config_path),
+               "--cores", str(args.cores), *args.snakemake_args]
+    with StandinServer(out / "www", settings["port"]) as server:
+        print(f"stand-in served at {server.url}; running: {' '.join(command)}", flush=True)
+        result = subprocess.run(command, env=env)
+    if result.returncode == 0:
+        print("demo finished: results/bbbc021/images.parquet, results/bbbc014/images.parquet", flush=True)
+    return result.returncode
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moaflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("standin", help="write a BBBC021- or BBBC014-shaped stand-in dataset")
+    p.add_argument("dataset", choices=["bbbc021", "bbbc014"])
+    p.add_argument("--out", required=True, help="folder; www/ inside it is what a server exposes")
+    p.add_argument("--shape", type=_shape, help="field size ROWSxCOLUMNS (default: the real size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plates", type=int, default=3, help="bbbc021: plates, one per week")
+    p.add_argument("--sites", type=int, default=4, help="bbbc021: fields per well")
+    p.add_argument("--dmso-wells", type=int, default=6, help="bbbc021: DMSO wells per plate")
+    p.add_argument("--moas", nargs="+", help="bbbc021: MoA names (default: all 12)")
+    p.add_argument("--compounds-per-moa", type=int, default=2)
+    p.add_argument("--concentrations-per-compound", type=int, default=2)
+    p.add_argument("--dapi-channel", type=int, default=1, help="bbbc014: which 'Channel N' is DAPI")
+    p.set_defaults(func=_cmd_standin)
+
+    p = sub.add_parser("serve", help="serve a folder over HTTP on 127.0.0.1 (with Range support)")
+    p.add_argument("root")
+    p.add_argument("--port", type=int, default=8021)
+    p.add_argument("--ignore-range", action="store_true", help="behave like a server without Range support")
+    p.add_argument("--rate", type=int, help="throttle to about this many bytes/s per response")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("fetch", help="download one file, resumable, from mirrors in order")
+    p.add_argument("--url", action="append", required=True, help="repeat for each mirror, in order")
+    p.add_argument("--output", required=True)
+    p.add_argument("--kind", choices=["zip", "file"], default="file", help="zip: verify every member's CRC")
+    p.add_argument("--retries", type=int, default=5)
+    p.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry (doubles)")
+    p.add_argument("--timeout", type=float, default=60.0, help="socket timeout in seconds")
+    p.set_defaults(func=_cmd_fetch)
+
+    p = sub.add_parser("extract-bbbc021", help="extract and check one BBBC021 plate archive")
+    p.add_argument("--archive", required=True)
+    p.add_argument("--image-csv", required=True)
+    p.add_argument("--plate", required=True)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_cmd_extract_bbbc021)
+
+    p = sub.add_parser("extract-bbbc014", help="extract and check the BBBC014 image archive")
+    p.add_argument("--archive", required=True)
+    p.add_argument("--member-root", required=True)
+    p.add_argument("--expected-images", type=int, required=True)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_cmd_extract_bbbc014)
+
+    p = sub.add_parser("table", help="build the per-field image table of a dataset")
+    p.add_argument("dataset", choices=["bbbc021", "bbbc014"])
+    p.add_argument("--image-root", required=True, help="folder of extracted images")
+    p.add_argument("--image-csv")
+    p.add_argument("--moa-csv")
+    p.add_argument("--plates", nargs="+")
+    p.add_argument("--no-taxol-rule", action="store_true")
+    p.add_argument("--settings", help="bbbc014: the config's bbbc014 section as JSON")
+    p.add_argument("--output", required=True, help=".parquet or .csv")
+    p.set_defaults(func=_cmd_table)
+
+    p = sub.add_parser("demo", help="serve a generated stand-in on 127.0.0.1 and run the pipeline on it")
+    p.add_argument("--configfile", default=str(REPO / "config" / "demo.yaml"))
+    p.add_argument("--cores", type=int, default=2)
+    p.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="passed on to snakemake")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        status = args.func(args)
+    except (download.DownloadError, download.VerificationError, image_table.MetadataError,
+            ValueError, FileNotFoundError) as exc:
+        print(f"moaflow {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""One row per field of view: the table every later stage reads.
+
+BBBC021 follows Kensert et al. (2019): fields whose (compound, concentration)
+has an MoA in ``BBBC021_v1_moa.csv`` are annotated; taxol is kept only on
+Week1 plates, in wells whose name contains ``D0``, at 0.3, 1 and 3 uM; DMSO
+fields are kept with ``is_dmso`` set (they normalise plates, never a class).
+BBBC014 rows are wells: labels come from the well's column (TNF-alpha
+concentration rank) and the cell line from its row, as in the study's code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+BBBC021_REQUIRED_COLUMNS = [
+    "Image_FileName_DAPI", "Image_FileName_Tubulin", "Image_FileName_Actin",
+    "Image_PathName_DAPI", "Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI",
+    "Replicate", "Image_Metadata_Compound", "Image_Metadata_Concentration",
+]
+MOA_REQUIRED_COLUMNS = ["compound", "concentration", "moa"]
+TAXOL_WEEK = "Week1"
+TAXOL_WELL_TAG = "D0"
+TAXOL_CONCENTRATIONS = (0.3, 1.0, 3.0)
+CHANNELS = ("DAPI", "Tubulin", "Actin")
+_SITE = re.compile(r"_s(\d+)_w\d")
+
+
+class MetadataError(ValueError):
+    """A metadata file lacks what the pipeline needs."""
+
+
+def _read_csv(path, required: list[str]) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise MetadataError(f"{path}: cannot be read as CSV ({exc})") from exc
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise MetadataError(f"{path}: missing column(s) {missing}; expected at least {required}")
+    return frame
+
+
+def _concentration_key(values: pd.Series) -> pd.Series:
+    # The two files write concentrations differently (0.003 vs 0.003000).
+    return np.round(values.astype(float), 6)
+
+
+def plate_file_names(image_csv: str | os.PathLike, plate: str) -> list[str]:
+    """All TIFF names of one plate (three per field) from the image CSV.
+
+    Raises
+    ------
+    MetadataError
+        When the plate has no rows in ``image_csv``.
+    """
+    frame = _read_csv(image_csv, BBBC021_REQUIRED_COLUMNS)
+    rows = frame[frame["Image_Metadata_Plate_DAPI"] == plate]
+    if rows.empty:
+        raise MetadataError(f"{image_csv}: no fields for plate {plate!r}")
+    return sorted(pd.concat([rows[f"Image_FileName_{c}"] for c in CHANNELS]).tolist())
+
+
+def bbbc021_image_table(
+    image_csv: str | os.PathLike,
+    moa_csv: str | os.PathLike,
+    image_root: str | os.PathLike,
+    plates: list[str] | None = None,
+    taxol_rule: bool = True,
+) -> pd.DataFrame:
+    """Build the BBBC021 field table used by the study.
+
+    Parameters
+    ----------
+    image_csv, moa_csv : path
+        The Broad's ``BBBC021_v1_image.csv`` and ``BBBC021_v1_moa.csv``.
+    image_root : path
+        Folder holding one extracted folder per plate; channel paths are
+        ``image_root/<Plate>/<file name>``.
+    plates : list of str, optional
+        Keep only these plates (all when None). Each must occur in ``image_csv``.
+    taxol_rule : bool
+        Apply the study's taxol selection (Week1, ``D0`` wells, 0.3/1/3).
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        One row per kept field with columns ``plate, batch, well, site,
+        replicate, compound, concentration, moa, treatment, is_dmso,
+        path_dapi, path_tubulin, path_actin, image_number``.
+
+    Examples
+    --------
+    On the real metadata the table has 1,208 annotated fields of 38
+    compounds, 103 treatments and 12 MoAs, plus 1,320 DMSO fields.
+    """
+    images = _read_csv(image_csv, BBBC021_REQUIRED_COLUMNS)
+    moa = _read_csv(moa_csv, MOA_REQUIRED_COLUMNS)
+    if plates is not None:
+        unknown = sorted(set(plates) - set(images["Image_Metadata_Plate_DAPI"]))
+        if unknown:
+            raise MetadataError(f"{image_csv}: configured plate(s) {unknown} have no fields in this file")
+        images = images[images["Image_Metadata_Plate_DAPI"].isin(plates)]
+    images = images.assign(_conc=_concentration_key(images["Image_Metadata_Concentration"]))
+    moa = moa.assign(_conc=_concentration_key(moa["concentration"]))[["compound", "_conc", "moa"]]
+    merged = images.merge(moa, how="left", left_on=["Image_Metadata_Compound", "_conc"],
+                          right_on=["compound", "_conc"], validate="many_to_one")
+    compound = merged["Image_Metadata_Compound"]
+    plate = merged["Image_Metadata_Plate_DAPI"]
+    well = merged["Image_Metadata_Well_DAPI"]
+    is_dmso = compound.eq("DMSO")
+    keep = merged["moa"].notna() | is_dmso
+    if taxol_rule:
+        taxol = compound.eq("taxol")
+        taxol_ok = (plate.str.split("_").str[0].eq(TAXOL_WEEK) & well.str.contains(TAXOL_WELL_TAG)
+                    & merged["_conc"].isin(TAXOL_CONCENTRATIONS))
+        keep &= ~taxol | taxol_ok
+    merged = merged[keep]
+    is_dmso = is_dmso[keep]
+    sites = merged["Image_FileName_DAPI"].str.extract(_SITE, expand=False)
+    if sites.isna().any():
+        bad = merged.loc[sites.isna(), "Image_FileName_DAPI"].iloc[0]
+        raise MetadataError(f"{image_csv}: file name {bad!r} has no site (expected '..._s<N>_w<N>...')")
+    root = Path(image_root)
+    folder = merged["Image_PathName_DAPI"].str.split("/").str[-1]  # "<Week>/<Plate>" -> "<Plate>"
+    table = pd.DataFrame({
+        "plate": plate[keep].to_numpy(),
+        "batch": plate[keep].str.split("_").str[0].to_numpy(),
+        "well": well[keep].to_numpy(),
+        "site": sites.astype(int).to_numpy(),
+        "replicate": merged["Replicate"].astype(int).to_numpy(),
+        "compound": merged["Image_Metadata_Compound"].to_numpy(),
+        "concentration": merged["_conc"].to_numpy(),
+        "moa": merged["moa"].where(~is_dmso, "DMSO").to_numpy(),
+        "is_dmso": is_dmso.to_numpy(),
+        "image_number": merged["ImageNumber"].to_numpy() if "ImageNumber" in merged else np.arange(len(merged)),
+    })
+    table["treatment"] = table["compound"] + "_" + table["concentration"].map("{:g}".format)
+    for channel in CHANNELS:
+        table[f"path_{channel.lower()}"] = [
+            str(root / f / n) for f, n in zip(folder, merged[f"Image_FileName_{channel}"])]
+    return table.sort_values(["plate", "well", "site"], kind="stable").reset_index(drop=True)
+
+
+def bbbc014_image_table(
+    image_dir: str | os.PathLike,
+    *,
+    filename_regex: str,
+    dapi_channel: int,
+    cell_lines: dict[str, list[str]],
+    positive_columns: list[int],
+    negative_columns: list[int],
+) -> pd.DataFrame:
+    """Build the BBBC014 well table from the extracted images.
+
+    Parameters
+    ----------
+    image_dir : path
+        Folder of ``*.Bmp`` files.
+    filename_regex : str
+        Regular expression with named groups ``channel``, ``row`` and ``column``.
+    dapi_channel : int
+        Which channel number is DAPI; the other is FITC (NF-kB).
+    cell_lines : dict
+        Cell line -> plate rows, e.g. ``{"MCF7": ["A", "B", "C", "D"]}``.
+    positive_columns, negative_columns : list of int
+        Columns labelled 1 (translocation) and 0; other columns get label -1
+        (unused by the study).
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        One row per well: ``plate, well, row, column, cell_line, label,
+        path_dapi, path_fitc``.
+    """
+    pattern = re.compile(filename_regex)
+    files: dict[tuple[str, int], dict[int, str]] = {}
+    image_dir = Path(image_dir)
+    for path in sorted(image_dir.iterdir()):
+        if path.name.startswith("."):
+            continue  # bookkeeping such as Snakemake's .snakemake_timestamp
+        match = pattern.fullmatch(path.name)
+        if match is None:
+            raise MetadataError(f"{path}: name does not match bbbc014.filename_regex {filename_regex!r}")
+        key = (match["row"], int(match["column"]))
+        files.setdefault(key, {})[int(match["channel"])] = str(path)
+    row_to_line = {row: line for line, rows in cell_lines.items() for row in rows}
+    records = []
+    for (row, column), channels in sorted(files.items()):
+        if set(channels) != {1, 2}:
+            raise MetadataError(f"{image_dir}: well {row}{column:02d} has channels {sorted(channels)}, expected [1, 2]")
+        if row not in row_to_line:
+            raise MetadataError(f"{image_dir}: row {row!r} is in no bbbc014.cell_lines entry")
+        label = 1 if column in positive_columns else 0 if column in negative_columns else -1
+        records.append({
+            "plate": "BBBC014", "well": f"{row}{column:02d}", "row": row, "column": column,
+            "cell_line": row_to_line[row], "label": label,
+            "path_dapi": channels[dapi_channel], "path_fitc": channels[3 - dapi_channel],
+        })
+    return pd.DataFrame.from_records(records)
+
+
+def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write ``table`` as parquet (or CSV for ``.csv``), atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        table.to_csv(tmp, index=False)
+    else:
+        table.to_parquet(tmp, index=False)
+    os.replace(tmp, path)

@@ -1,0 +1,137 @@
+"""A loopback HTTP file server that behaves like the Broad's web server.
+
+It serves a folder (the stand-in's ``www/``) with ``Content-Length``,
+single-range ``Range`` requests (``206 Partial Content``) and ``HEAD``, so the
+real download code is exercised unchanged. Switches reproduce the awkward
+servers a user meets: one that ignores ``Range`` and one that is slow (so a
+test can kill a client half-way). It binds to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from http import HTTPStatus
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    server: "StandinServer"
+
+    def log_message(self, format, *args):  # noqa: A002 - signature of the base class
+        self.server.requests.append((self.command, self.path, self.headers.get("Range")))
+
+    def send_head(self):
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            self.send_error(HTTPStatus.NOT_FOUND, "File not found")
+            return None
+        size = path.stat().st_size
+        start, end = 0, size - 1
+        status = HTTPStatus.OK
+        header = self.headers.get("Range")
+        if header and not self.server.ignore_range:
+            match = _RANGE.match(header.strip())
+            if match:
+                start = int(match.group(1))
+                end = int(match.group(2)) if match.group(2) else size - 1
+                if start >= size:
+                    self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+                    self.send_header("Content-Range", f"bytes */{size}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
+                end = min(end, size - 1)
+                status = HTTPStatus.PARTIAL_CONTENT
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end - start + 1))
+        if not self.server.ignore_range:
+            self.send_header("Accept-Ranges", "bytes")
+        if status == HTTPStatus.PARTIAL_CONTENT:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        handle = open(path, "rb")
+        handle.seek(start)
+        self._remaining = end - start + 1
+        return handle
+
+    def copyfile(self, source, outputfile):
+        remaining = self._remaining
+        chunk = 64 * 1024 if self.server.rate is None else max(1024, self.server.rate // 20)
+        while remaining > 0:
+            block = source.read(min(chunk, remaining))
+            if not block:
+                break
+            try:
+                outputfile.write(block)
+            except (BrokenPipeError, ConnectionResetError):
+                return
+            remaining -= len(block)
+            if self.server.rate:
+                time.sleep(len(block) / self.server.rate)
+
+
+class StandinServer(ThreadingHTTPServer):
+    """Serve ``root`` on 127.0.0.1.
+
+    Parameters
+    ----------
+    root : path
+        Folder to serve.
+    port : int
+        0 picks a free port; read it back from ``server.port``.
+    ignore_range : bool
+        Answer every request with the whole file (``200``), like servers
+        without range support.
+    rate : int, optional
+        Throttle each response to about this many bytes per second.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, root, port: int = 0, *, ignore_range: bool = False, rate: int | None = None):
+        self.root = os.fspath(root)
+        self.ignore_range = ignore_range
+        self.rate = rate
+        self.requests: list[tuple[str, str, str | None]] = []
+
+        def handler(*args, **kwargs):
+            return _Handler(*args, directory=self.root, **kwargs)
+
+        super().__init__((LOOPBACK, port), handler)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}/"
+
+    def start(self) -> "StandinServer":
+        """Serve in a background thread; returns self."""
+        self._thread = threading.Thread(target=self.serve_forever, name="standin-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and release the port."""
+        self.shutdown()
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

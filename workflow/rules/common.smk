@@ -1,0 +1,35 @@
+import json
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+# Fills in schema defaults, and stops with the offending key named on a wrong type or unknown key.
+validate(config, schema="../schemas/config.schema.yaml")
+
+DATASETS = config["datasets"]
+BBBC021_PLATES = config["bbbc021"]["plates"] if "bbbc021" in DATASETS else []
+
+wildcard_constraints:
+    plate=r"Week[0-9]+_[0-9]+",
+
+
+def mirror_urls(dataset, filename):
+    """Shell arguments `--url U1 --url U2 ...` for one file at every configured mirror."""
+    return " ".join(
+        f"--url '{base.rstrip('/')}/{filename}'" for base in config[dataset]["base_urls"]
+    )
+
+
+def download_args():
+    d = config["download"]
+    return f"--retries {d['retries']} --backoff {d['backoff_seconds']} --timeout {d['timeout_seconds']}"
+
+
+def all_targets():
+    targets = []
+    if "bbbc021" in DATASETS:
+        targets.append("results/bbbc021/images.parquet")
+    if "bbbc014" in DATASETS:
+        targets.append("results/bbbc014/images.parquet")
+    return targets
