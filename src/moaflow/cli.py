@@ -16,9 +16,6 @@ from pathlib import Path
 
 from moaflow import download, image_table, standin
 
-REPO = Path(__file__).resolve().parents[2]
-
-
 def _shape(text: str) -> tuple[int, int]:
     try:
         rows, columns = (int(v) for v in text.lower().split("x"))
@@ -137,9 +134,15 @@ def _cmd_demo(args) -> int:
     env = dict(os.environ)
     # Rules call `moaflow`: make the interpreter's own bin folder win on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    command = [str(Path(sys.executable).parent / "snakemake"), "--configfile", str(config_path),
+    command = [str(Path(sys.executable).parent / "snakemake"), "--snakefile", args.snakefile,
+               "--configfile", str(config_path),
                "--cores", str(args.cores), *args.snakemake_args]
-    with StandinServer(out / "www", settings["port"]) as server:
+    try:
+        server = StandinServer(out / "www", settings["port"])
+    except OSError as exc:
+        raise ValueError(f"{config_path}: cannot serve the stand-in on 127.0.0.1:{settings['port']} ({exc}); "
+                         "set standin.port and the base_urls to a free port") from exc
+    with server:
         print(f"stand-in served at {server.url}; running: {' '.join(command)}", flush=True)
         result = subprocess.run(command, env=env)
     if result.returncode == 0:
@@ -207,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_table)
 
     p = sub.add_parser("demo", help="serve a generated stand-in on 127.0.0.1 and run the pipeline on it")
-    p.add_argument("--configfile", default=str(REPO / "config" / "demo.yaml"))
+    p.add_argument("--configfile", default="config/demo.yaml", help="run from the repository root")
+    p.add_argument("--snakefile", default="Snakefile")
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="passed on to snakemake")
     p.set_defaults(func=_cmd_demo)

@@ -1,4 +1,5 @@
 import json
+import posixpath
 
 from snakemake.utils import min_version, validate
 
@@ -16,9 +17,8 @@ wildcard_constraints:
 
 def mirror_urls(dataset, filename):
     """Shell arguments `--url U1 --url U2 ...` for one file at every configured mirror."""
-    return " ".join(
-        f"--url '{base.rstrip('/')}/{filename}'" for base in config[dataset]["base_urls"]
-    )
+    urls = (posixpath.join(base, filename) for base in config[dataset]["base_urls"])
+    return " ".join(f"--url '{url}'" for url in urls)
 
 
 def download_args():

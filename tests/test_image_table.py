@@ -1,0 +1,99 @@
+import pandas as pd
+import pytest
+
+from moaflow.image_table import MetadataError, bbbc014_image_table, bbbc021_image_table, write_table
+
+from .conftest import REFERENCE
+
+IMAGE_CSV = REFERENCE / "bbbc021" / "BBBC021_v1_image.csv"
+MOA_CSV = REFERENCE / "bbbc021" / "BBBC021_v1_moa.csv"
+
+# Per-MoA (compounds, treatments, wells, fields) on the real metadata, from the reference.
+REAL_COUNTS = {
+    "Actin disruptors": (3, 5, 15, 60), "Aurora kinase inhibitors": (3, 12, 36, 144),
+    "Cholesterol-lowering": (2, 6, 18, 72), "DNA damage": (4, 9, 27, 108),
+    "DNA replication": (4, 8, 24, 96), "Eg5 inhibitors": (2, 12, 36, 144),
+    "Epithelial": (3, 8, 22, 88), "Kinase inhibitors": (3, 5, 10, 40),
+    "Microtubule destabilizers": (4, 14, 42, 168), "Microtubule stabilizers": (3, 9, 27, 108),
+    "Protein degradation": (4, 7, 21, 84), "Protein synthesis": (3, 8, 24, 96),
+}
+
+
+@pytest.fixture(scope="module")
+def real_table():
+    return bbbc021_image_table(IMAGE_CSV, MOA_CSV, "results/bbbc021/images")
+
+
+def test_real_metadata_gives_the_studys_selection(real_table):
+    annotated = real_table[~real_table["is_dmso"]]
+    assert len(annotated) == 1208
+    assert annotated["compound"].nunique() == 38
+    assert annotated["treatment"].nunique() == 103
+    assert annotated["moa"].nunique() == 12
+    assert int(real_table["is_dmso"].sum()) == 1320  # 24 DMSO fields on each of 55 plates
+
+
+def test_real_metadata_per_moa_counts(real_table):
+    annotated = real_table[~real_table["is_dmso"]]
+    for moa, (compounds, treatments, wells, fields) in REAL_COUNTS.items():
+        rows = annotated[annotated["moa"] == moa]
+        assert (rows["compound"].nunique(), rows["treatment"].nunique(),
+                len(rows[["plate", "well"]].drop_duplicates()), len(rows)) == (compounds, treatments, wells, fields), moa
+
+
+def test_taxol_rule(real_table):
+    taxol = real_table[real_table["compound"] == "taxol"]
+    assert set(taxol["batch"]) == {"Week1"}
+    assert taxol["well"].str.contains("D0").all()
+    assert set(taxol["concentration"]) == {0.3, 1.0, 3.0}
+    without_rule = bbbc021_image_table(IMAGE_CSV, MOA_CSV, "x", taxol_rule=False)
+    assert (without_rule["compound"] == "taxol").sum() > len(taxol)
+
+
+def test_columns_and_paths(real_table):
+    row = real_table[real_table["compound"] == "ALLN"].iloc[0]
+    assert {"plate", "batch", "well", "site", "replicate", "compound", "concentration", "moa", "is_dmso",
+            "path_dapi", "path_tubulin", "path_actin"} <= set(real_table.columns)
+    assert row["path_dapi"].startswith(f"results/bbbc021/images/{row['plate']}/")
+    assert "_w1" in row["path_dapi"] and "_w2" in row["path_tubulin"] and "_w4" in row["path_actin"]
+    assert row["batch"] == row["plate"].split("_")[0]
+    assert set(real_table["site"]) == {1, 2, 3, 4}
+
+
+def test_plate_subset_and_unknown_plate(tmp_path):
+    table = bbbc021_image_table(IMAGE_CSV, MOA_CSV, "x", plates=["Week1_22123"])
+    assert set(table["plate"]) == {"Week1_22123"}
+    with pytest.raises(MetadataError, match="Week99_1"):
+        bbbc021_image_table(IMAGE_CSV, MOA_CSV, "x", plates=["Week99_1"])
+
+
+def test_missing_column_is_named(tmp_path):
+    broken = tmp_path / "image.csv"
+    pd.read_csv(IMAGE_CSV, nrows=5).drop(columns=["Replicate"]).to_csv(broken, index=False)
+    with pytest.raises(MetadataError, match=r"image.csv.*Replicate"):
+        bbbc021_image_table(broken, MOA_CSV, "x")
+
+
+def test_bbbc014_table(tmp_path):
+    from moaflow.standin import bbbc014_file_name
+
+    for row in "ABCDEFGH":
+        for column in range(1, 13):
+            for channel in (1, 2):
+                (tmp_path / bbbc014_file_name(channel, row, column)).touch()
+    (tmp_path / ".snakemake_timestamp").touch()
+    table = bbbc014_image_table(
+        tmp_path, filename_regex=r"Channel (?P<channel>[12])-(?P<index>\d+)-(?P<row>[A-H])-(?P<column>\d+)-00\.Bmp",
+        dapi_channel=2, cell_lines={"MCF7": list("ABCD"), "A549": list("EFGH")},
+        positive_columns=[1, 2, 3, 4], negative_columns=[9, 10, 11, 12])
+    assert len(table) == 96
+    assert table.groupby(["cell_line", "label"]).size().to_dict() == {
+        ("A549", -1): 16, ("A549", 0): 16, ("A549", 1): 16, ("MCF7", -1): 16, ("MCF7", 0): 16, ("MCF7", 1): 16}
+    first = table.iloc[0]
+    assert first["well"] == "A01" and first["path_dapi"].endswith("Channel 2-01-A-01-00.Bmp")
+
+
+def test_write_table_is_atomic_and_roundtrips(tmp_path, real_table):
+    write_table(real_table.head(10), tmp_path / "t.parquet")
+    assert pd.read_parquet(tmp_path / "t.parquet").equals(real_table.head(10))
+    assert not (tmp_path / "t.parquet.tmp").exists()
