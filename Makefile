@@ -19,6 +19,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q
 
+bench: $(STAMP)
+	$(BIN)/moaflow bench-preprocess
+
 lint: $(STAMP)
 	$(BIN)/snakemake --lint --configfile config/demo.yaml
 

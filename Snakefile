@@ -2,9 +2,13 @@
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/image_table.smk"
+include: "workflow/rules/preprocess.smk"
 
 
 rule all:

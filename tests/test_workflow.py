@@ -34,6 +34,20 @@ def test_download_extract_and_table_then_nothing_to_do(tmp_path, server, standin
     assert len(fetched) == 2 + TINY_BBBC021["n_plates"] + 2
     assert not list((tmp_path / "results").rglob("*.part"))
 
+    # preprocessing: one store per input size, index rows = array rows, illumination figures
+    import numpy as np
+
+    sizes = config["preprocess"]["bbbc021"]["input_sizes"]
+    index = pd.read_parquet(tmp_path / "results" / "bbbc021" / "crops" / "index.parquet")
+    for size in sizes:
+        store = np.load(tmp_path / "results" / "bbbc021" / "crops" / f"{size}.npy", mmap_mode="r")
+        assert store.shape == (len(index), size, size, 3) and store.dtype == np.uint8
+    assert 0 < len(index) <= 4 * (~table["is_dmso"]).sum()
+    for plate in config["bbbc021"]["plates"]:
+        assert (tmp_path / "results" / "bbbc021" / "illumination" / f"{plate}.png").is_file()
+    index014 = pd.read_parquet(tmp_path / "results" / "bbbc014" / "crops" / "index.parquet")
+    assert len(index014) == 64 * 16
+
     again = run_snakemake(tmp_path, config, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
     dry = run_snakemake(tmp_path, config, "--summary")

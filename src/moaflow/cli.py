@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moaflow import download, image_table, standin
+from moaflow import download, illumination, image_table, preprocess, standin
 
 def _shape(text: str) -> tuple[int, int]:
     try:
@@ -113,6 +113,77 @@ def _cmd_table(args) -> None:
     image_table.write_table(table, args.output)
 
 
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _cmd_illumination(args) -> None:
+    import pandas as pd
+
+    frame = pd.read_csv(args.image_csv)
+    rows = frame[frame["Image_Metadata_Plate_DAPI"] == args.plate]
+    if rows.empty:
+        raise image_table.MetadataError(f"{args.image_csv}: no fields for plate {args.plate!r}")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    functions = {}
+    for channel in preprocess.READ_ORDER:  # CellProfiler's "All" mode: every field of the plate
+        paths = [Path(args.image_root) / args.plate / name for name in rows[f"Image_FileName_{channel}"]]
+        average = illumination.mean_image(paths, log=_log, label=f"{args.plate} {channel}")
+        functions[channel] = illumination.illumination_function(
+            average, args.filter_size, args.downscale, args.robust_percentile)
+    for channel, function in functions.items():
+        preprocess.write_array(function, out / f"{args.plate}_{channel}.npy")
+    illumination.plot_functions(functions, out / f"{args.plate}.png", f"Illumination functions, {args.plate}")
+
+
+def _cmd_preprocess_plate(args) -> None:
+    import numpy as np
+    import pandas as pd
+
+    table = pd.read_parquet(args.table)
+    fields = table[table["plate"] == args.plate]
+    if fields.empty:
+        raise image_table.MetadataError(f"{args.table}: no fields for plate {args.plate!r}")
+    functions = None
+    if args.illumination_dir:
+        functions = np.stack([np.load(Path(args.illumination_dir) / f"{args.plate}_{c}.npy")
+                              for c in preprocess.READ_ORDER])
+    arrays, index = preprocess.preprocess_plate(
+        fields, sizes=args.sizes, grid=tuple(args.grid), normalisation=args.normalisation,
+        percentiles=tuple(args.percentiles), illumination=functions, empty_threshold=args.empty_threshold,
+        empty_fraction=args.empty_fraction, log=_log)
+    prefix = Path(args.output_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    for size, array in arrays.items():
+        preprocess.write_array(array, f"{prefix}.{size}.npy")
+    image_table.write_table(index, f"{prefix}.index.parquet")
+
+
+def _cmd_gather(args) -> None:
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index = None
+    for size in args.sizes:
+        parts = [(f"{p}.{size}.npy", f"{p}.index.parquet") for p in args.prefixes]
+        index = preprocess.gather(parts, out / f"{size}.npy")
+    image_table.write_table(index, out / "index.parquet")
+    _log(f"{len(index)} crops from {len(args.prefixes)} plate(s) at sizes {args.sizes}")
+
+
+def _cmd_preprocess_bbbc014(args) -> None:
+    import pandas as pd
+
+    arrays, index = preprocess.preprocess_bbbc014(pd.read_parquet(args.table), sizes=args.sizes,
+                                                  grid=tuple(args.grid), log=_log)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for size, array in arrays.items():
+        preprocess.write_array(array, out / f"{size}.npy")
+    index.insert(0, "crop_id", range(len(index)))
+    image_table.write_table(index, out / "index.parquet")
+
+
 def _cmd_demo(args) -> int:
     import yaml
 
@@ -152,6 +223,8 @@ def _cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moaflow", description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="cores this command may use (BLAS threads); rules pass their `threads`")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("standin", help="write a BBBC021- or BBBC014-shaped stand-in dataset")
@@ -209,6 +282,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help=".parquet or .csv")
     p.set_defaults(func=_cmd_table)
 
+    p = sub.add_parser("illumination", help="illumination functions of one BBBC021 plate (all its fields)")
+    p.add_argument("--image-csv", required=True)
+    p.add_argument("--image-root", required=True)
+    p.add_argument("--plate", required=True)
+    p.add_argument("--filter-size", type=float, required=True)
+    p.add_argument("--downscale", type=int, default=1)
+    p.add_argument("--robust-percentile", type=float, default=2.0)
+    p.add_argument("--output-dir", required=True)
+    p.set_defaults(func=_cmd_illumination)
+
+    p = sub.add_parser("preprocess-plate", help="normalise, crop and resize one BBBC021 plate")
+    p.add_argument("--table", required=True)
+    p.add_argument("--plate", required=True)
+    p.add_argument("--sizes", type=int, nargs="+", required=True)
+    p.add_argument("--grid", type=int, nargs=2, default=[2, 2])
+    p.add_argument("--normalisation", choices=["study", "percentile"], default="study")
+    p.add_argument("--percentiles", type=float, nargs=2, default=[1.0, 99.9])
+    p.add_argument("--illumination-dir", help="divide by the plate's illumination functions from here")
+    p.add_argument("--empty-threshold", type=float, default=255 / 5.1)
+    p.add_argument("--empty-fraction", type=float, default=0.002)
+    p.add_argument("--output-prefix", required=True)
+    p.set_defaults(func=_cmd_preprocess_plate)
+
+    p = sub.add_parser("gather", help="concatenate per-plate crops into one store per size")
+    p.add_argument("--prefixes", nargs="+", required=True)
+    p.add_argument("--sizes", type=int, nargs="+", required=True)
+    p.add_argument("--output-dir", required=True)
+    p.set_defaults(func=_cmd_gather)
+
+    p = sub.add_parser("preprocess-bbbc014", help="crops of the labelled BBBC014 wells")
+    p.add_argument("--table", required=True)
+    p.add_argument("--sizes", type=int, nargs="+", required=True)
+    p.add_argument("--grid", type=int, nargs=2, default=[4, 4])
+    p.add_argument("--output-dir", required=True)
+    p.set_defaults(func=_cmd_preprocess_bbbc014)
+
+    p = sub.add_parser("bench-preprocess", help="benchmark: preprocessing vs bare TIFF read+decode")
+    p.add_argument("--out", default="results/bench/preprocess", help="where the full-size stand-in goes")
+    p.add_argument("--repeats", type=int, default=2)
+    p.set_defaults(func=lambda a: __import__("moaflow.bench", fromlist=["bench"]).bench_preprocess(a.out, a.repeats)
+                   and None)
+
     p = sub.add_parser("demo", help="serve a generated stand-in on 127.0.0.1 and run the pipeline on it")
     p.add_argument("--configfile", default="config/demo.yaml", help="run from the repository root")
     p.add_argument("--snakefile", default="Snakefile")
@@ -219,9 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from threadpoolctl import threadpool_limits
+
     args = build_parser().parse_args(argv)
+    # A job gets the cores its rule declares: BLAS must not start one thread per
+    # machine core in each of several parallel jobs (that halves throughput).
     try:
-        status = args.func(args)
+        with threadpool_limits(limits=args.threads):
+            status = args.func(args)
     except (download.DownloadError, download.VerificationError, image_table.MetadataError,
             ValueError, FileNotFoundError) as exc:
         print(f"moaflow {args.command}: error: {exc}", file=sys.stderr)

@@ -218,8 +218,12 @@ def render_cells(
 
 
 def to_counts(signal: np.ndarray, illumination: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Camera model: illumination-scaled signal over an offset, plus shot noise, as uint16."""
-    expected = 180.0 + 3200.0 * signal * illumination
+    """Camera model: illuminated background + signal, a camera offset, shot noise; uint16.
+
+    The background (out-of-focus light, medium autofluorescence) is shaded by
+    the illumination like the cells are, as in a real widefield image.
+    """
+    expected = 40.0 + illumination * (250.0 + 3200.0 * signal)
     noisy = expected + rng.normal(0.0, 1.0, size=expected.shape).astype(np.float32) * np.sqrt(expected)
     return np.clip(np.rint(noisy), 0, 65535).astype(np.uint16)
 

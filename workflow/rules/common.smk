@@ -29,7 +29,9 @@ def download_args():
 def all_targets():
     targets = []
     if "bbbc021" in DATASETS:
-        targets.append("results/bbbc021/images.parquet")
+        targets.append("results/bbbc021/crops/index.parquet")
+        if config["preprocess"]["bbbc021"]["illumination"]["compute"]:
+            targets += expand("results/bbbc021/illumination/{plate}.png", plate=BBBC021_PLATES)
     if "bbbc014" in DATASETS:
-        targets.append("results/bbbc014/images.parquet")
+        targets.append("results/bbbc014/crops/index.parquet")
     return targets

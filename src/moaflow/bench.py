@@ -1,0 +1,104 @@
+"""Benchmarks (not tests): throughput of preprocessing against bare TIFF reading.
+
+``moaflow bench-preprocess`` builds full-size (1024x1280) stand-in plates,
+then times, on the same files and with a warm page cache for both:
+
+* bare read + decode of every TIFF a step reads (tifffile), and
+* the step itself: the illumination pass (all fields of a plate) and the
+  normalise + crop + resize pass (DMSO fields for statistics, annotated
+  fields to 224, 299 and 256),
+
+for 1 process (plates in turn) and 2 processes (one plate each), and prints
+fields/s and the ratio step / bare read.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import pandas as pd
+import tifffile
+
+from moaflow import download, illumination, image_table, preprocess, standin
+
+SIZES = [224, 299, 256]
+
+
+def _bare_read(paths: list[str]) -> None:
+    for path in paths:
+        tifffile.imread(path)
+
+
+def _illumination_pass(fields: pd.DataFrame) -> None:
+    for channel in preprocess.READ_ORDER:
+        average = illumination.mean_image(fields[f"path_{channel.lower()}"])
+        illumination.illumination_function(average, filter_size=24, downscale=4)
+
+
+def _preprocess_pass(fields: pd.DataFrame) -> None:
+    preprocess.preprocess_plate(fields, sizes=SIZES)
+
+
+def _paths(fields: pd.DataFrame) -> list[str]:
+    return [p for c in preprocess.READ_ORDER for p in fields[f"path_{c.lower()}"]]
+
+
+def _timed(job):
+    from threadpoolctl import threadpool_limits
+
+    function, argument = job
+    start = time.perf_counter()
+    with threadpool_limits(limits=1):  # one core per process, as each Snakemake job declares
+        function(argument)
+    return time.perf_counter() - start
+
+
+def _run(jobs, processes: int) -> float:
+    start = time.perf_counter()
+    if processes == 1:
+        for job in jobs:
+            _timed(job)
+    else:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            pool.map(_timed, jobs)
+    return time.perf_counter() - start
+
+
+def prepare(out: Path, plates: int = 2) -> pd.DataFrame:
+    """Full-size stand-in plates of about 200 fields each (a real plate has 240), extracted."""
+    www = out / "www" / "BBBC021"
+    if not (www / "BBBC021_v1_image.csv").exists():
+        standin.write_bbbc021(out, n_plates=plates, sites=4, dmso_wells=6, compounds_per_moa=2,
+                              concentrations_per_compound=2, shape=(1024, 1280), seed=5)
+    table = image_table.bbbc021_image_table(www / "BBBC021_v1_image.csv", www / "BBBC021_v1_moa.csv",
+                                            out / "images")
+    for plate in table["plate"].unique():
+        if not (out / "images" / plate).exists():
+            download.extract_archive(www / f"BBBC021_v1_images_{plate}.zip", out / "images" / plate,
+                                     member_root=plate, log=lambda _: None)
+    return table
+
+
+def bench_preprocess(out: str | Path, repeats: int = 2) -> list[dict]:
+    """Time bare reads and the two preprocessing passes; print and return the rows."""
+    out = Path(out)
+    table = prepare(out)
+    plates = [table[table["plate"] == p] for p in table["plate"].unique()]
+    _bare_read([p for f in plates for p in _paths(f)])  # warm the page cache for both sides
+    rows = []
+    for step, function in (("illumination", _illumination_pass), ("normalise+crop+resize", _preprocess_pass)):
+        for processes in (1, 2):
+            best_bare = best_step = float("inf")
+            for _ in range(repeats):
+                best_bare = min(best_bare, _run([(_bare_read, _paths(f)) for f in plates], processes))
+                best_step = min(best_step, _run([(function, f) for f in plates], processes))
+            n_fields = sum(len(f) for f in plates)
+            rows.append({"step": step, "processes": processes, "fields": n_fields,
+                         "bare_fields_per_s": n_fields / best_bare, "step_fields_per_s": n_fields / best_step,
+                         "ratio": best_bare / best_step})
+    frame = pd.DataFrame(rows)
+    print("Full-size 1024x1280 fields (3 TIFFs each), warm page cache, best of", repeats)
+    print(frame.to_string(index=False, float_format=lambda v: f"{v:,.2f}"))
+    return rows
