@@ -184,6 +184,47 @@ def _cmd_preprocess_bbbc014(args) -> None:
     image_table.write_table(index, out / "index.parquet")
 
 
+def _cmd_folds(args) -> None:
+    from moaflow import folds
+
+    if args.dataset == "bbbc021":
+        if args.image_csv:  # straight from the Broad's metadata, before anything is downloaded
+            index = image_table.bbbc021_image_table(args.image_csv, args.moa_csv, "images")
+        else:
+            import pandas as pd
+
+            index = pd.read_parquet(args.index)
+        table = folds.leave_one_compound_out(index[index["moa"] != "DMSO"], n_validation=args.validation_compounds,
+                                             seed=args.seed, variant=args.variant)
+    else:
+        import pandas as pd
+
+        table = folds.leave_one_cell_line_out(pd.read_parquet(args.index))
+    folds.write_folds(table, args.output)
+    _log(f"{len(table)} folds written to {args.output}")
+
+
+def _cmd_check_folds(args) -> None:
+    import shutil
+
+    import pandas as pd
+
+    from moaflow import folds
+
+    table = folds.read_folds(args.folds)
+    folds.check_folds(table, pd.read_parquet(args.index))
+    shutil.copyfile(args.folds, args.output)
+
+
+def _cmd_train(args) -> None:
+    from moaflow import train
+
+    hyper = train.hyperparameters(args.preset, args.architecture, json.loads(args.hyperparameters or "{}"))
+    train.train_fold(args.store, args.index, args.folds, args.fold, architecture=args.architecture,
+                     weights=args.weights, hyper=hyper, seed=args.seed, out_dir=args.out_dir,
+                     checkpoint_dir=args.checkpoint_dir, log=_log)
+
+
 def _cmd_demo(args) -> int:
     import yaml
 
@@ -194,7 +235,7 @@ def _cmd_demo(args) -> int:
     if not settings:
         raise ValueError(f"{config_path}: no 'standin' section; the demo needs one to build its data")
     out = Path(settings["out_dir"])
-    wanted = {"bbbc021": settings["bbbc021"], "bbbc014": settings["bbbc014"]}
+    wanted = {"bbbc021": settings["bbbc021"], "bbbc014": settings["bbbc014"], "version": standin.GENERATOR_VERSION}
     stamp = out / "settings.json"
     if not stamp.exists() or json.loads(stamp.read_text()) != wanted:
         print(f"building the stand-in data in {out} ...", flush=True)
@@ -317,6 +358,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=int, nargs=2, default=[4, 4])
     p.add_argument("--output-dir", required=True)
     p.set_defaults(func=_cmd_preprocess_bbbc014)
+
+    p = sub.add_parser("folds", help="write a folds file (leave one compound / cell line out)")
+    p.add_argument("dataset", choices=["bbbc021", "bbbc014"])
+    p.add_argument("--index", help="crop or image table (parquet)")
+    p.add_argument("--image-csv", help="bbbc021: build from the Broad's metadata instead of --index")
+    p.add_argument("--moa-csv")
+    p.add_argument("--validation-compounds", type=int, default=0)
+    p.add_argument("--variant", choices=["nsc", "nscb"], default="nsc")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_cmd_folds)
+
+    p = sub.add_parser("check-folds", help="check a folds file against the crop index, then copy it")
+    p.add_argument("--folds", required=True)
+    p.add_argument("--index", required=True)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_cmd_check_folds)
+
+    p = sub.add_parser("train", help="train one architecture on one fold (resumes from its checkpoint)")
+    p.add_argument("--store", required=True, help="crops .npy at the architecture's input size")
+    p.add_argument("--index", required=True)
+    p.add_argument("--folds", required=True)
+    p.add_argument("--fold", required=True)
+    p.add_argument("--architecture", required=True)
+    p.add_argument("--weights", default="none", help="imagenet, none, or a weights file")
+    p.add_argument("--preset", default="final")
+    p.add_argument("--hyperparameters", help="JSON overrides of the preset")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--checkpoint-dir", required=True)
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("bench-preprocess", help="benchmark: preprocessing vs bare TIFF read+decode")
     p.add_argument("--out", default="results/bench/preprocess", help="where the full-size stand-in goes")

@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+#: Bumped whenever the generated data changes for the same settings (the demo regenerates).
+GENERATOR_VERSION = 3
+
 #: Real BBBC021 plates, per week (batch), as published by the Broad.
 BBBC021_PLATES = {
     "Week1": ["22123", "22141", "22161", "22361", "22381", "22401"],
@@ -83,6 +86,12 @@ _MOA_SHIFT = {
 }
 
 
+_EFFECT_SIZE = 2.0
+#: per key: density, cell_size, nucleus_size, elongation, dapi, micronuclei, tubulin, tubulin_fibres, actin, actin_ring
+_SHIFT_LOW = np.array([-0.85, -1.2, -1.5, -0.5, -1.2, 0.0, -1.2, -1.0, -1.2, -1.0])
+_SHIFT_HIGH = np.array([1.5, 1.5, 1.5, 2.0, 2.0, 3.0, 2.0, 1.0, 2.0, 1.0])
+
+
 @dataclass(frozen=True)
 class _Phenotype:
     """Rendering parameters of one treatment (all relative to the field size)."""
@@ -130,8 +139,10 @@ def phenotype(moa: str, strength: float, compound_jitter: np.ndarray) -> _Phenot
     """
     if moa not in _MOA_SHIFT:
         raise ValueError(f"unknown MoA {moa!r}; expected one of {sorted(_MOA_SHIFT)}")
-    shift = np.asarray(_MOA_SHIFT[moa]) * strength + compound_jitter
-    return _Phenotype(*shift.tolist())
+    # Effects strong enough to survive the study's per-field min-max scaling; the
+    # clamps keep every parameter physical (positive sizes, contrasts in [0, 1]).
+    shift = np.asarray(_MOA_SHIFT[moa]) * strength * _EFFECT_SIZE + compound_jitter
+    return _Phenotype(*np.clip(shift, _SHIFT_LOW, _SHIFT_HIGH).tolist())
 
 
 def illumination_field(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -153,7 +164,7 @@ def illumination_field(shape: tuple[int, int], rng: np.random.Generator) -> np.n
 
 
 def render_cells(
-    shape: tuple[int, int], pheno: _Phenotype, rng: np.random.Generator
+    shape: tuple[int, int], pheno: _Phenotype, rng: np.random.Generator, magnification: float = 1.0
 ) -> np.ndarray:
     """Render one field of synthetic MCF-7-like cells.
 
@@ -165,6 +176,9 @@ def render_cells(
         What the cells look like.
     rng : numpy.random.Generator
         Source of cell positions and shapes.
+    magnification : float
+        Cells this many times larger (and proportionally fewer, same coverage)
+        than at the real 1024x1280 scale: small stand-ins keep visible morphology.
 
     Returns
     -------
@@ -172,9 +186,9 @@ def render_cells(
         Noise-free signal for (DAPI, Tubulin, Actin), roughly 0..1.
     """
     height, width = shape
-    scale = np.sqrt(height * width / (1024 * 1280))  # real fields are 1024x1280
+    scale = np.sqrt(height * width / (1024 * 1280)) * magnification  # real fields are 1024x1280
     out = np.zeros((3, height, width), dtype=np.float32)
-    n_cells = max(1, int(round(rng.poisson(45 * (1.0 + pheno.density)) * 1.0)))
+    n_cells = max(1, int(rng.poisson(45 * (1.0 + pheno.density) / magnification**2)))
     cell_radius = 34.0 * scale * (1.0 + 0.5 * pheno.cell_size)
     nucleus_ratio = 0.45 * (1.0 + 0.4 * pheno.nucleus_size)
     elongation = 1.0 + 0.9 * max(pheno.elongation, -0.5)
@@ -284,6 +298,7 @@ def write_bbbc021(
     compounds_per_moa: int = 2,
     concentrations_per_compound: int = 2,
     shape: tuple[int, int] = (1024, 1280),
+    magnification: float = 1.0,
     seed: int = 0,
     log=print,
 ) -> dict:
@@ -314,6 +329,8 @@ def write_bbbc021(
         replicate id.
     shape : tuple of int
         Field size (rows, columns). The real 1024x1280 or smaller with the same 4:5 aspect.
+    magnification : float
+        See `render_cells`; 1 gives real-scale cells.
     seed : int
         Makes the output byte-identical across runs.
 
@@ -374,7 +391,7 @@ def write_bbbc021(
                                   jitter[treatment["compound"]])
             for site in range(1, sites + 1):
                 image_number += 1
-                signal = render_cells(shape, pheno, plate_rng)
+                signal = render_cells(shape, pheno, plate_rng, magnification)
                 names = {}
                 for c_index, (ch, suffix) in enumerate(BBBC021_CHANNEL_SUFFIX.items()):
                     name = f"{well}_s{site}_w{suffix}{_field_uuid(plate_rng)}.tif"
@@ -399,7 +416,8 @@ def write_bbbc021(
         writer.writeheader()
         writer.writerows(rows)
     shutil.copyfile(resources.files("moaflow").joinpath("data/BBBC021_v1_moa.csv"), www / "BBBC021_v1_moa.csv")
-    manifest = {"plates": plates, "treatments": treatments, "fields": len(rows), "shape": list(shape), "seed": seed}
+    manifest = {"plates": plates, "treatments": treatments, "fields": len(rows), "shape": list(shape),
+                "magnification": magnification, "seed": seed}
     (truth / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 

@@ -1,0 +1,173 @@
+"""Cross-validation folds: leave one compound (BBBC021) or one cell line (BBBC014) out.
+
+A folds table has one row per fold:
+
+``fold``
+    A path-safe name (the held-out group, slugged), used as a Snakemake wildcard.
+``group_column``
+    The index column that defines groups (``compound`` or ``cell_line``).
+``test_group``
+    The held-out group: its crops are the test set.
+``validation_groups``
+    ``;``-separated groups drawn from the training groups (empty reproduces the
+    paper, which had no validation set).
+``excluded_batches``
+    ``;``-separated batches removed from training (the not-same-compound-or-batch
+    variant: every batch in which the test compound was imaged).
+
+Folds are a file the workflow reads at parse time, so ``snakemake -n`` lists
+every training job; a rule checks at run time that the file still matches the
+crop index.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pandas as pd
+
+FOLD_COLUMNS = ["fold", "group_column", "test_group", "validation_groups", "excluded_batches"]
+
+
+def slug(name: str) -> str:
+    """Path- and wildcard-safe fold name: ``"mevinolin/lovastatin"`` -> ``"mevinolin-lovastatin"``."""
+    text = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if not text:
+        raise ValueError(f"cannot make a fold name from {name!r}")
+    return text
+
+
+def _validation_groups(train: list[str], moa_of: dict[str, str], n: int, rng: np.random.Generator) -> list[str]:
+    """Draw ``n`` validation compounds, MoA-stratified: round-robin over MoAs (in a seeded
+    order) that keep at least one training compound; only then from any MoA."""
+    by_moa: dict[str, list[str]] = {}
+    for compound in train:
+        by_moa.setdefault(moa_of[compound], []).append(compound)
+    chosen: list[str] = []
+    moas = list(rng.permutation(sorted(by_moa)))
+    while len(chosen) < n:
+        eligible = [m for m in moas if len(by_moa[m]) >= 2]
+        if not eligible:
+            eligible = [m for m in moas if by_moa[m]]
+            if not eligible:
+                break
+        for moa in eligible:
+            if len(chosen) == n:
+                break
+            pick = by_moa[moa].pop(int(rng.integers(len(by_moa[moa]))))
+            chosen.append(pick)
+    return sorted(chosen)
+
+
+def leave_one_compound_out(
+    index: pd.DataFrame,
+    *,
+    n_validation: int = 0,
+    seed: int = 0,
+    variant: str = "nsc",
+) -> pd.DataFrame:
+    """One fold per compound: train on the others, test on it.
+
+    Parameters
+    ----------
+    index : pandas.DataFrame
+        Crop (or field) table with ``compound``, ``moa`` and ``batch``; DMSO rows are ignored.
+    n_validation : int
+        Validation compounds per fold, drawn from the training compounds,
+        MoA-stratified where possible. 0 reproduces the paper.
+    seed : int
+        Folds are a pure function of (index, n_validation, seed, variant).
+    variant : {"nsc", "nscb"}
+        ``nscb`` also removes from training every batch that holds the test compound.
+
+    Returns
+    -------
+    folds : pandas.DataFrame
+        Columns `FOLD_COLUMNS`, one row per compound, sorted by compound.
+    """
+    if variant not in ("nsc", "nscb"):
+        raise ValueError(f"variant={variant!r}: expected 'nsc' or 'nscb'")
+    annotated = index[index["moa"] != "DMSO"] if "moa" in index else index
+    moa_per_compound = annotated.groupby("compound")["moa"].unique()
+    ambiguous = moa_per_compound[moa_per_compound.map(len) > 1]
+    if len(ambiguous):
+        raise ValueError(f"compound(s) with several MoAs: {dict(ambiguous.map(list))}")
+    moa_of = {c: m[0] for c, m in moa_per_compound.items()}
+    compounds = sorted(moa_of)
+    if len(compounds) < 2:
+        raise ValueError(f"leave-one-compound-out needs at least 2 compounds, got {compounds}")
+    rows = []
+    for i, test in enumerate(compounds):
+        train = [c for c in compounds if c != test]
+        validation = _validation_groups(train, moa_of, n_validation, np.random.default_rng([seed, i]))
+        excluded = sorted(annotated.loc[annotated["compound"] == test, "batch"].unique()) if variant == "nscb" else []
+        rows.append({"fold": slug(test), "group_column": "compound", "test_group": test,
+                     "validation_groups": ";".join(validation), "excluded_batches": ";".join(excluded)})
+    folds = pd.DataFrame(rows, columns=FOLD_COLUMNS)
+    if folds["fold"].duplicated().any():
+        raise ValueError(f"compound names collide as fold names: {folds.loc[folds['fold'].duplicated(), 'test_group'].tolist()}")
+    return folds
+
+
+def leave_one_cell_line_out(index: pd.DataFrame) -> pd.DataFrame:
+    """BBBC014: two folds, each training on one cell line and testing on the other."""
+    lines = sorted(index["cell_line"].unique())
+    return pd.DataFrame([{"fold": slug(line), "group_column": "cell_line", "test_group": line,
+                          "validation_groups": "", "excluded_batches": ""} for line in lines], columns=FOLD_COLUMNS)
+
+
+def read_folds(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a folds file, with a clear error when columns are missing."""
+    folds = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    missing = [c for c in FOLD_COLUMNS if c not in folds.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; expected {FOLD_COLUMNS}")
+    return folds
+
+
+def write_folds(folds: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write a folds file (TSV), atomically."""
+    tmp = f"{path}.tmp"
+    folds[FOLD_COLUMNS].to_csv(tmp, sep="\t", index=False)
+    os.replace(tmp, path)
+
+
+def split(index: pd.DataFrame, fold: dict) -> dict[str, np.ndarray]:
+    """Row positions of ``index`` for training, validation and test in one fold.
+
+    Returns
+    -------
+    parts : dict
+        ``train``, ``validation`` and ``test`` integer arrays (positions in ``index``).
+    """
+    column = fold["group_column"]
+    groups = index[column].to_numpy()
+    validation = [g for g in fold["validation_groups"].split(";") if g]
+    excluded = [b for b in fold["excluded_batches"].split(";") if b]
+    test = groups == fold["test_group"]
+    if not test.any():
+        raise ValueError(f"fold {fold['fold']}: no crops of {column} {fold['test_group']!r} in the index")
+    is_validation = np.isin(groups, validation)
+    train = ~test & ~is_validation
+    if excluded:
+        train &= ~np.isin(index["batch"].to_numpy(), excluded)
+    return {"train": np.flatnonzero(train), "validation": np.flatnonzero(is_validation), "test": np.flatnonzero(test)}
+
+
+def check_folds(folds: pd.DataFrame, index: pd.DataFrame) -> None:
+    """Raise if the folds do not cover the index's groups exactly once each."""
+    if folds.empty:
+        raise ValueError("the folds file has no folds")
+    column = folds["group_column"].iloc[0]
+    groups = set(index[column].unique())
+    tested = list(folds["test_group"])
+    if sorted(tested) != sorted(groups):
+        raise ValueError(f"folds test {sorted(set(tested) ^ groups)} differently from the index's {column}s: "
+                         f"each must be tested exactly once (regenerate with `moaflow folds`)")
+    for _, fold in folds.iterrows():
+        unknown = [g for g in fold["validation_groups"].split(";") if g and g not in groups]
+        if unknown or fold["test_group"] in fold["validation_groups"].split(";"):
+            raise ValueError(f"fold {fold['fold']}: validation groups {fold['validation_groups']!r} are not "
+                             "training groups of this index")
