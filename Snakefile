@@ -9,6 +9,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/image_table.smk"
 include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/training.smk"
 
 
 rule all:

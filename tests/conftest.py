@@ -61,3 +61,32 @@ def run_snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def build_crop_store(out: Path, sizes: list[int], **standin_settings) -> tuple[Path, Path]:
+    """Stand-in -> extraction -> image table -> per-plate preprocessing -> gathered store.
+
+    Uses the pipeline's own functions; returns (folder with <size>.npy, index path).
+    """
+    from moaflow import download, image_table, preprocess
+
+    manifest = standin.write_bbbc021(out, log=lambda _: None, **standin_settings)
+    www = out / "www" / "BBBC021"
+    for plate in manifest["plates"]:
+        download.extract_archive(www / f"BBBC021_v1_images_{plate}.zip", out / "images" / plate,
+                                 member_root=plate, log=lambda _: None)
+    table = image_table.bbbc021_image_table(www / "BBBC021_v1_image.csv", www / "BBBC021_v1_moa.csv", out / "images")
+    parts = []
+    for plate in manifest["plates"]:
+        arrays, index = preprocess.preprocess_plate(table[table["plate"] == plate], sizes=sizes)
+        for size, array in arrays.items():
+            preprocess.write_array(array, out / f"{plate}.{size}.npy")
+        image_table.write_table(index, out / f"{plate}.index.parquet")
+        parts.append(plate)
+    crops = out / "crops"
+    crops.mkdir()
+    for size in sizes:
+        index = preprocess.gather([(out / f"{p}.{size}.npy", out / f"{p}.index.parquet") for p in parts],
+                                  crops / f"{size}.npy")
+    image_table.write_table(index, crops / "index.parquet")
+    return crops, crops / "index.parquet"

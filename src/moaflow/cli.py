@@ -222,7 +222,21 @@ def _cmd_train(args) -> None:
     hyper = train.hyperparameters(args.preset, args.architecture, json.loads(args.hyperparameters or "{}"))
     train.train_fold(args.store, args.index, args.folds, args.fold, architecture=args.architecture,
                      weights=args.weights, hyper=hyper, seed=args.seed, out_dir=args.out_dir,
-                     checkpoint_dir=args.checkpoint_dir, log=_log)
+                     checkpoint_dir=args.checkpoint_dir, dataset=args.dataset, init=args.init, log=_log)
+
+
+def _cmd_track(args) -> None:
+    from moaflow import tracking
+
+    runs = tracking.log_study(
+        args.run_dirs, tracking_uri=args.tracking_uri, experiment=args.experiment,
+        tags={"git_commit": tracking.git_commit(), "config_hash": args.config_hash},
+        parent_params=json.loads(Path(args.params).read_text()) if args.params else None,
+        parent_metrics=json.loads(Path(args.metrics).read_text()) if args.metrics else None,
+        parent_artifacts=args.artifacts or [], log_models=not args.no_models, log=_log)
+    tmp = Path(args.output + ".tmp")
+    tmp.write_text(json.dumps(runs, indent=1))
+    os.replace(tmp, args.output)
 
 
 def _cmd_demo(args) -> int:
@@ -386,9 +400,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="final")
     p.add_argument("--hyperparameters", help="JSON overrides of the preset")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", default="")
+    p.add_argument("--init", default="", help="the initialisation's name (recorded for tracking)")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--checkpoint-dir", required=True)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("track", help="log finished training jobs to MLflow (parent + one child per job)")
+    p.add_argument("--run-dirs", nargs="+", required=True)
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///results/mlflow/mlflow.db")
+    p.add_argument("--experiment", default="moaflow")
+    p.add_argument("--config-hash", default="")
+    p.add_argument("--params", help="JSON file of parameters for the parent run")
+    p.add_argument("--metrics", help="JSON file of study metrics for the parent run")
+    p.add_argument("--artifacts", nargs="*", help="files for the parent run (figures, summaries)")
+    p.add_argument("--no-models", action="store_true", help="do not copy model files into MLflow")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_cmd_track)
 
     p = sub.add_parser("bench-preprocess", help="benchmark: preprocessing vs bare TIFF read+decode")
     p.add_argument("--out", default="results/bench/preprocess", help="where the full-size stand-in goes")

@@ -179,6 +179,8 @@ def build_model(
     x = StudyAugmentation(seed=seed, name="augmentation")(inputs) if augmentation else inputs
     x = InputScaling(input_scaling, name="input_scaling")(x)
     if architecture == "lab_cnn":
+        if input_size < 64:
+            raise ValueError(f"lab_cnn needs inputs of at least 64x64 (stride 2 and pools of 2, 4, 4), got {input_size}")
         core = lab_cnn((input_size, input_size, 3), n_classes if head == "softmax" else 1)
         # Reuse the lab network but swap its head for the requested one.
         features = core.layers[-2].output

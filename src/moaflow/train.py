@@ -126,6 +126,8 @@ def train_fold(
     seed: int,
     out_dir: str | os.PathLike,
     checkpoint_dir: str | os.PathLike,
+    dataset: str = "",
+    init: str = "",
     log: Callable[[str], None] | None = None,
 ) -> pd.DataFrame:
     """Train, checkpointing every epoch, and write the fold's outputs.
@@ -222,8 +224,8 @@ def train_fold(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = {}
-    for name, dataset, positions in (("test", test_set, parts["test"]), ("validation", val_set, parts["validation"])):
-        probabilities = (model.predict(dataset, verbose=0) if dataset is not None
+    for name, batches, positions in (("test", test_set, parts["test"]), ("validation", val_set, parts["validation"])):
+        probabilities = (model.predict(batches, verbose=0) if batches is not None
                          else np.zeros((0, len(classes) if hyper["head"] == "softmax" else 1)))
         if hyper["head"] == "sigmoid":
             probabilities = np.concatenate([1 - probabilities, probabilities], axis=1)
@@ -240,7 +242,8 @@ def train_fold(
         frame.to_parquet(out_dir / f"{name}_predictions.parquet.tmp", index=False)
     history_frame.to_csv(out_dir / "history.tsv.tmp", sep="\t", index=False)
     run = {
-        "architecture": architecture, "fold": fold, "test_group": fold_row["test_group"],
+        "dataset": dataset, "architecture": architecture, "init": init, "fold": fold,
+        "test_group": fold_row["test_group"],
         "validation_groups": fold_row["validation_groups"], "weights": weights, "seed": seed,
         "hyperparameters": hyper, "classes": classes, "input_size": int(store.shape[1]),
         "n_train": int(len(train_rows)), "n_validation": int(len(parts["validation"])),

@@ -1,3 +1,5 @@
+import csv
+import hashlib
 import json
 import posixpath
 
@@ -9,6 +11,8 @@ min_version("9.0")
 validate(config, schema="../schemas/config.schema.yaml")
 
 DATASETS = config["datasets"]
+# Tags every MLflow run: which configuration produced it.
+CONFIG_HASH = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 BBBC021_PLATES = config["bbbc021"]["plates"] if "bbbc021" in DATASETS else []
 
 wildcard_constraints:
@@ -26,6 +30,41 @@ def download_args():
     return f"--retries {d['retries']} --backoff {d['backoff_seconds']} --timeout {d['timeout_seconds']}"
 
 
+TRAIN = config["training"]
+INITS = {i["name"]: i["weights"] for i in TRAIN["initialisations"]}
+
+
+def fold_names(dataset):
+    with open(TRAIN[dataset]["folds_file"]) as handle:
+        return [row["fold"] for row in csv.DictReader(handle, delimiter="\t")]
+
+
+def trained_architectures(dataset):
+    """training.<dataset>.architectures when given, else training.architectures."""
+    return TRAIN[dataset].get("architectures") or TRAIN["architectures"]
+
+
+def input_size(wildcards):
+    size = TRAIN[wildcards.dataset]["input_sizes"][wildcards.architecture]
+    available = config["preprocess"][wildcards.dataset]["input_sizes"]
+    if size not in available:
+        raise ValueError(
+            f"training.{wildcards.dataset}.input_sizes.{wildcards.architecture} = {size} "
+            f"is not among preprocess.{wildcards.dataset}.input_sizes {available}"
+        )
+    return size
+
+
+def training_runs(dataset):
+    return expand(
+        "results/{dataset}/models/{architecture}/{init}/{fold}",
+        dataset=dataset,
+        architecture=trained_architectures(dataset),
+        init=INITS,
+        fold=fold_names(dataset),
+    )
+
+
 def all_targets():
     targets = []
     if "bbbc021" in DATASETS:
@@ -34,4 +73,5 @@ def all_targets():
             targets += expand("results/bbbc021/illumination/{plate}.png", plate=BBBC021_PLATES)
     if "bbbc014" in DATASETS:
         targets.append("results/bbbc014/crops/index.parquet")
+    targets.append("results/mlflow/runs.json")
     return targets

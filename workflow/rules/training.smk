@@ -1,0 +1,91 @@
+# One training job per (dataset, architecture, initialisation, fold). Folds come
+# from the folds file named in the config, read at parse time (common.smk) so
+# that `snakemake -n` lists every job; check_folds verifies it against the crop index.
+
+
+wildcard_constraints:
+    dataset="bbbc021|bbbc014",
+    architecture="|".join(TRAIN["architectures"]),
+    init="|".join(INITS),
+    fold=r"[a-z0-9-]+",
+
+
+rule check_folds:
+    input:
+        folds=lambda wc: TRAIN[wc.dataset]["folds_file"],
+        index="results/{dataset}/crops/index.parquet",
+    output:
+        "results/{dataset}/folds.tsv",
+    log:
+        "results/logs/training/{dataset}_check_folds.log",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    threads: 1
+    conda:
+        "../../envs/moaflow.yaml"
+    shell:
+        "moaflow check-folds --folds {input.folds} --index {input.index} --output {output} 2> {log}"
+
+
+rule train:
+    input:
+        store=lambda wc: f"results/{wc.dataset}/crops/{input_size(wc)}.npy",
+        index="results/{dataset}/crops/index.parquet",
+        folds="results/{dataset}/folds.tsv",
+    output:
+        model="results/{dataset}/models/{architecture}/{init}/{fold}/model.keras",
+        history="results/{dataset}/models/{architecture}/{init}/{fold}/history.tsv",
+        test="results/{dataset}/models/{architecture}/{init}/{fold}/test_predictions.parquet",
+        validation="results/{dataset}/models/{architecture}/{init}/{fold}/validation_predictions.parquet",
+        run="results/{dataset}/models/{architecture}/{init}/{fold}/run.json",
+    params:
+        weights=lambda wc: INITS[wc.init],
+        preset=lambda wc: TRAIN[wc.dataset]["preset"],
+        hyper=lambda wc: json.dumps(TRAIN[wc.dataset]["hyperparameters"]),
+        seed=TRAIN["seed"],
+        # per-epoch checkpoints live outside the declared outputs, so a failed
+        # job's cleanup keeps them and a rerun resumes
+        checkpoints="results/{dataset}/checkpoints/{architecture}/{init}/{fold}",
+    log:
+        "results/logs/training/{dataset}/{architecture}/{init}/{fold}.log",
+    resources:
+        gpu=TRAIN["resources"]["gpu"],
+        mem_mb=TRAIN["resources"]["mem_mb"],
+        runtime=TRAIN["resources"]["runtime"],
+    threads: TRAIN["resources"]["threads"]
+    conda:
+        "../../envs/moaflow.yaml"
+    shell:
+        "TF_NUM_INTRAOP_THREADS={threads} TF_NUM_INTEROP_THREADS=1 OMP_NUM_THREADS={threads}"
+        " moaflow --threads {threads} train --store {input.store} --index {input.index}"
+        " --folds {input.folds} --fold {wildcards.fold} --architecture {wildcards.architecture}"
+        " --dataset {wildcards.dataset} --init {wildcards.init} --weights {params.weights:q}"
+        " --preset {params.preset} --hyperparameters {params.hyper:q} --seed {params.seed}"
+        " --out-dir $(dirname {output.model}) --checkpoint-dir {params.checkpoints} 2> {log}"
+
+
+rule track_mlflow:
+    input:
+        runs=[f"{run}/run.json" for ds in DATASETS for run in training_runs(ds)],
+    output:
+        "results/mlflow/runs.json",
+    params:
+        run_dirs=" ".join(run for ds in DATASETS for run in training_runs(ds)),
+        uri=config["tracking"]["uri"],
+        experiment=config["tracking"]["experiment"],
+        no_models="" if config["tracking"]["log_models"] else "--no-models",
+        config_hash=CONFIG_HASH,
+    log:
+        "results/logs/tracking/mlflow.log",
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    threads: 1
+    conda:
+        "../../envs/moaflow.yaml"
+    shell:
+        # MLFLOW_TRACKING_URI, when set, wins over the config (a tracking server)
+        'moaflow track --run-dirs {params.run_dirs} --tracking-uri "${{MLFLOW_TRACKING_URI:-{params.uri}}}"'
+        " --experiment {params.experiment:q} --config-hash {params.config_hash} {params.no_models}"
+        " --output {output} 2> {log}"
