@@ -10,6 +10,7 @@ include: "workflow/rules/download.smk"
 include: "workflow/rules/image_table.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/training.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -19,7 +20,7 @@ BIN = Path(sys.executable).parent
 
 #: A stand-in small enough for seconds-long tests, with every structural feature of the real one.
 TINY_BBBC021 = dict(n_plates=2, sites=2, dmso_wells=2, moas=["DNA damage", "Eg5 inhibitors"],
-                    compounds_per_moa=2, concentrations_per_compound=1, shape=(64, 80), seed=7)
+                    compounds_per_moa=2, concentrations_per_compound=1, shape=(64, 80), magnification=1.5, seed=7)
 TINY_BBBC014 = dict(shape=(48, 64), dapi_channel=1, seed=7)
 
 
@@ -37,14 +38,43 @@ def server(standin_dir):
         yield srv
 
 
-def pipeline_config(server_url: str, standin_dir: Path) -> dict:
-    """The demo config pointed at a test server and the tiny stand-in."""
+def tiny_config(workdir: Path, server_url: str) -> dict:
+    """The demo config made tiny: the TINY stand-in, 32 px crops, ResNet50 for 2 steps.
+
+    Writes the folds files (they are read at parse time, before any data exists)
+    into ``workdir`` and points the config at them with absolute paths.
+    """
+    from moaflow import folds
+
     config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
-    manifest = yaml.safe_load((standin_dir / "truth" / "bbbc021" / "manifest.json").read_text())
+    treatments = pd.DataFrame(standin.select_treatments(
+        TINY_BBBC021["moas"], TINY_BBBC021["compounds_per_moa"], TINY_BBBC021["concentrations_per_compound"]))
+    folds.write_folds(folds.leave_one_compound_out(treatments.assign(batch="Week1"), n_validation=1),
+                      workdir / "folds_bbbc021.tsv")
     config["bbbc021"]["base_urls"] = [server_url + "BBBC021/"]
-    config["bbbc021"]["plates"] = manifest["plates"]
+    config["bbbc021"]["plates"] = [f"{week}_{standin.BBBC021_PLATES[week][0]}"
+                                   for week in list(standin.BBBC021_PLATES)[: TINY_BBBC021["n_plates"]]]
     config["bbbc014"]["base_urls"] = [server_url + "BBBC014/"]
     config["download"].update(retries=1, backoff_seconds=0.1)
+    config["preprocess"] = {"bbbc021": {"illumination": {"compute": True, "apply": False, "filter_size": 6,
+                                                         "downscale": 2}, "input_sizes": [32]},
+                            "bbbc014": {"input_sizes": [32]}}
+    quick = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "run_eagerly": True}
+    config["training"]["architectures"] = ["resnet50"]
+    config["training"]["bbbc021"] = {"folds_file": str(workdir / "folds_bbbc021.tsv"), "preset": "final",
+                                     "hyperparameters": quick, "input_sizes": {"resnet50": 32}}
+    config["training"]["bbbc014"] = {"folds_file": str(REPO / "config" / "folds" / "bbbc014.tsv"),
+                                     "architectures": ["resnet50"], "preset": "bbbc014",
+                                     "hyperparameters": quick, "input_sizes": {"resnet50": 32}}
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in TINY_BBBC021.items()}
+    config["standin"].update(out_dir="results/standin", bbbc021=settings,
+                             bbbc014={"shape": list(TINY_BBBC014["shape"]), "dapi_channel": 1, "seed": 7})
+    return config
+
+
+def pipeline_config(server_url: str, standin_dir: Path, workdir: Path) -> dict:
+    """`tiny_config` without the stand-in section (the data is served by a fixture)."""
+    config = tiny_config(workdir, server_url)
     del config["standin"]
     return config
 
@@ -90,3 +120,19 @@ def build_crop_store(out: Path, sizes: list[int], **standin_settings) -> tuple[P
                                   crops / f"{size}.npy")
     image_table.write_table(index, crops / "index.parquet")
     return crops, crops / "index.parquet"
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """Run `moaflow demo` once, on 2 cores, with the tiny config: the whole chain."""
+    workdir = tmp_path_factory.mktemp("demo")
+    probe = StandinServer(workdir)  # borrow a free port
+    port = probe.port
+    probe.server_close()
+    config = tiny_config(workdir, f"http://127.0.0.1:{port}/")
+    config["standin"]["port"] = port
+    (workdir / "demo.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run([str(BIN / "moaflow"), "demo", "--configfile", "demo.yaml", "--cores", "2",
+                             "--snakefile", str(REPO / "Snakefile")], cwd=workdir, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return workdir, config, port, result

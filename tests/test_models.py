@@ -69,3 +69,17 @@ def test_presets_and_overrides():
     assert train.hyperparameters("final", "resnet50", {"batch_size": 64})["batch_size"] == 64
     with pytest.raises(ValueError, match="learning_rte"):
         train.hyperparameters("final", "resnet50", {"learning_rte": 1})
+
+
+def test_warmup_cosine_schedule_rises_then_decays():
+    import keras
+
+    hyper = train.hyperparameters("final", "resnet50", {"schedule": "warmup_cosine", "warmup_epochs": 1,
+                                                         "epochs": 4, "learning_rate": 0.1})
+    optimizer = train._optimizer(hyper, steps_per_epoch=10)
+    schedule = optimizer.learning_rate if callable(optimizer.learning_rate) else optimizer._learning_rate
+    rates = [float(keras.ops.convert_to_numpy(schedule(step))) for step in (0, 5, 10, 25, 39)]
+    assert rates[0] < rates[1] < rates[2] == pytest.approx(0.1)     # linear warm-up to the peak
+    assert rates[2] > rates[3] > rates[4]                           # then cosine decay
+    with pytest.raises(ValueError, match="schedule"):
+        train._optimizer({**hyper, "schedule": "steps"}, 10)

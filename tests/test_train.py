@@ -118,3 +118,38 @@ def test_held_out_compounds_are_classified_well_above_chance(tmp_path):
                          checkpoint_dir=tmp_path / f"{fold}-ck", log=lambda _: None)
         accuracies.append(json.loads((tmp_path / fold / "run.json").read_text())["test_accuracy"])
     assert np.mean(accuracies) >= 0.5, accuracies
+
+
+def test_class_per_folder_dataset_trains_the_lab_cnn(store, tmp_path):
+    from PIL import Image
+
+    from moaflow.datasets import folder_dataset
+
+    crops, index_path, _, index = store
+    images = np.load(crops / "75.npy")
+    for row in index.itertuples():
+        folder = tmp_path / "data" / row.moa
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[row.crop_id]).save(folder / f"{row.crop_id}.png")
+    loaded, labels, classes, validation = folder_dataset(tmp_path / "data", 64, validation_fraction=0.25, seed=3)
+    assert classes == sorted(index["moa"].unique()) and loaded.shape == (len(index), 64, 64, 3)
+    for label in range(len(classes)):                       # stratified, about 25 % of each class
+        members = np.flatnonzero(labels == label)
+        assert abs(np.isin(members, validation).sum() - 0.25 * len(members)) <= 1
+    assert np.array_equal(validation, folder_dataset(tmp_path / "data", 64, seed=3)[3])   # seeded
+    assert not np.array_equal(validation, folder_dataset(tmp_path / "data", 64, seed=4)[3])
+
+    hyper = train.hyperparameters("lab", "lab_cnn", {"epochs": 2})
+    history = train.train_folder(tmp_path / "data", architecture="lab_cnn", input_size=64, hyper=hyper,
+                                 out_dir=tmp_path / "out", seed=3, log=lambda _: None)
+    assert list(history["epoch"]) == [1, 2] and "val_accuracy" in history
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["n_validation"] == len(validation) and run["validation_accuracy"] is not None
+
+
+def test_folder_dataset_needs_class_folders(tmp_path):
+    from moaflow.datasets import folder_dataset
+
+    (tmp_path / "only").mkdir()
+    with pytest.raises(ValueError, match="one sub-folder per class"):
+        folder_dataset(tmp_path, 64)

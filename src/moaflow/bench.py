@@ -102,3 +102,46 @@ def bench_preprocess(out: str | Path, repeats: int = 2) -> list[dict]:
     print("Full-size 1024x1280 fields (3 TIFFs each), warm page cache, best of", repeats)
     print(frame.to_string(index=False, float_format=lambda v: f"{v:,.2f}"))
     return rows
+
+
+def bench_training(store_dir: str | Path, sizes: dict[str, int], *, steps: int = 50, batch_size: int = 32,
+                   warmup: int = 5, workers: int = 4) -> list[dict]:
+    """Training throughput per architecture: the real memory-mapped store vs synthetic in-memory data.
+
+    Both runs use the same model, batch size and `CropBatches` input path; the
+    synthetic array lives in RAM, so the ratio shows whether feeding data from
+    the store is the bottleneck. Prints images/s; on a GPU run it with
+    ``KERAS_BACKEND=jax`` where TensorFlow is not installed.
+    """
+    import keras
+    import numpy as np
+
+    from moaflow.datasets import CropBatches
+    from moaflow.models import build_model
+
+    rows = []
+    for architecture, size in sizes.items():
+        store = np.load(Path(store_dir) / f"{size}.npy", mmap_mode="r")
+        n = min(len(store), batch_size * (steps + warmup))
+        picks = np.random.default_rng(0).choice(len(store), size=n, replace=len(store) < n)
+        synthetic = np.random.default_rng(1).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+        targets = np.eye(12, dtype=np.float32)[np.arange(n) % 12]
+        result = {"architecture": architecture, "input": size, "batch": batch_size, "backend": keras.backend.backend()}
+        for name, source, chosen in (("synthetic", synthetic, np.arange(n)), ("store", store, picks)):
+            model = build_model(architecture, size, 12, weights=None)
+            model.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9), loss="categorical_crossentropy")
+            data = CropBatches(source, chosen, targets, batch_size, shuffle=True, workers=workers,
+                               max_batches=warmup + steps)
+            times = []
+
+            class Clock(keras.callbacks.Callback):
+                def on_train_batch_end(self, batch, logs=None):
+                    times.append(time.perf_counter())
+
+            model.fit(data, epochs=1, verbose=0, callbacks=[Clock()])
+            timed = times[warmup:]
+            result[f"{name}_images_per_s"] = batch_size * (len(timed) - 1) / (timed[-1] - timed[0])
+        result["ratio"] = result["store_images_per_s"] / result["synthetic_images_per_s"]
+        rows.append(result)
+        print(pd.DataFrame([result]).to_string(index=False, float_format=lambda v: f"{v:,.2f}"), flush=True)
+    return rows

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from moaflow import download, illumination, image_table, preprocess, standin
@@ -225,6 +226,29 @@ def _cmd_train(args) -> None:
                      checkpoint_dir=args.checkpoint_dir, dataset=args.dataset, init=args.init, log=_log)
 
 
+def _cmd_train_folder(args) -> None:
+    from moaflow import train
+
+    hyper = train.hyperparameters(args.preset, args.architecture, json.loads(args.hyperparameters or "{}"))
+    train.train_folder(args.root, architecture=args.architecture, input_size=args.input_size, hyper=hyper,
+                       weights=args.weights, validation_fraction=args.validation_fraction, seed=args.seed,
+                       out_dir=args.out_dir, log=_log)
+
+
+def _cmd_evaluate(args) -> None:
+    from moaflow import evaluate, folds
+
+    table = folds.read_folds(args.folds)
+    if args.dataset == "bbbc021":
+        evaluate.evaluate_bbbc021(args.models_dir, table, args.architectures, args.inits, args.out_dir,
+                                  args.significance)
+        config = json.loads(Path(args.config_json).read_text()) if args.config_json else {}
+        evaluate.deviations(config).to_csv(Path(args.out_dir) / "deviations.csv", index=False)
+    else:
+        evaluate.evaluate_bbbc014(args.models_dir, table, args.architectures, args.inits, args.out_dir)
+    _log(f"evaluation written to {args.out_dir}")
+
+
 def _cmd_track(args) -> None:
     from moaflow import tracking
 
@@ -232,7 +256,8 @@ def _cmd_track(args) -> None:
         args.run_dirs, tracking_uri=args.tracking_uri, experiment=args.experiment,
         tags={"git_commit": tracking.git_commit(), "config_hash": args.config_hash},
         parent_params=json.loads(Path(args.params).read_text()) if args.params else None,
-        parent_metrics=json.loads(Path(args.metrics).read_text()) if args.metrics else None,
+        parent_metrics=tracking.flatten_metrics({Path(p).parent.parent.name: json.loads(Path(p).read_text())
+                                                 for p in args.summaries or []}),
         parent_artifacts=args.artifacts or [], log_models=not args.no_models, log=_log)
     tmp = Path(args.output + ".tmp")
     tmp.write_text(json.dumps(runs, indent=1))
@@ -244,6 +269,7 @@ def _cmd_demo(args) -> int:
 
     from moaflow.serve import StandinServer
 
+    started = time.monotonic()
     config_path = Path(args.configfile)
     settings = yaml.safe_load(config_path.read_text()).get("standin")
     if not settings:
@@ -260,7 +286,7 @@ def _cmd_demo(args) -> int:
     env = dict(os.environ)
     # Rules call `moaflow`: make the interpreter's own bin folder win on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    command = [str(Path(sys.executable).parent / "snakemake"), "--snakefile", args.snakefile,
+    command = [str(Path(sys.executable).parent / "snakemake"), "--snakefile", args.snakefile, "--rerun-incomplete",
                "--configfile", str(config_path),
                "--cores", str(args.cores), *args.snakemake_args]
     try:
@@ -271,8 +297,14 @@ def _cmd_demo(args) -> int:
     with server:
         print(f"stand-in served at {server.url}; running: {' '.join(command)}", flush=True)
         result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        return result.returncode
+    report = Path("results") / "report.html"
+    command = [str(Path(sys.executable).parent / "snakemake"), "--snakefile", args.snakefile,
+               "--configfile", str(config_path), "--report", str(report)]
+    result = subprocess.run(command, env=env)
     if result.returncode == 0:
-        print("demo finished: results/bbbc021/images.parquet, results/bbbc014/images.parquet", flush=True)
+        print(f"demo finished in {time.monotonic() - started:.0f} s; report: {report.resolve()}", flush=True)
     return result.returncode
 
 
@@ -406,13 +438,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", required=True)
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("train-folder", help="train on a class-per-folder image set (root/<class>/<image>)")
+    p.add_argument("--root", required=True)
+    p.add_argument("--architecture", default="lab_cnn")
+    p.add_argument("--input-size", type=int, default=256)
+    p.add_argument("--weights", default="none")
+    p.add_argument("--preset", default="lab")
+    p.add_argument("--hyperparameters", help="JSON overrides of the preset")
+    p.add_argument("--validation-fraction", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=_cmd_train_folder)
+
+    p = sub.add_parser("evaluate", help="cross-validated evaluation of a dataset's trained folds")
+    p.add_argument("dataset", choices=["bbbc021", "bbbc014"])
+    p.add_argument("--models-dir", required=True)
+    p.add_argument("--folds", required=True)
+    p.add_argument("--architectures", nargs="+", required=True)
+    p.add_argument("--inits", nargs="+", required=True)
+    p.add_argument("--significance", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    p.add_argument("--config-json", help="the run's config (for the deviations table)")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=_cmd_evaluate)
+
     p = sub.add_parser("track", help="log finished training jobs to MLflow (parent + one child per job)")
     p.add_argument("--run-dirs", nargs="+", required=True)
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///results/mlflow/mlflow.db")
     p.add_argument("--experiment", default="moaflow")
     p.add_argument("--config-hash", default="")
     p.add_argument("--params", help="JSON file of parameters for the parent run")
-    p.add_argument("--metrics", help="JSON file of study metrics for the parent run")
+    p.add_argument("--summaries", nargs="*", help="results/<dataset>/evaluation/summary.json files: their "
+                   "numbers become the parent run's metrics")
     p.add_argument("--artifacts", nargs="*", help="files for the parent run (figures, summaries)")
     p.add_argument("--no-models", action="store_true", help="do not copy model files into MLflow")
     p.add_argument("--output", required=True)
@@ -423,6 +479,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2)
     p.set_defaults(func=lambda a: __import__("moaflow.bench", fromlist=["bench"]).bench_preprocess(a.out, a.repeats)
                    and None)
+
+    p = sub.add_parser("bench-training", help="benchmark: training images/s from the store vs in-memory data")
+    p.add_argument("--store-dir", default="results/bbbc021/crops")
+    p.add_argument("--sizes", default='{"resnet50": 224, "inception_v3": 299, "inception_resnet_v2": 299}',
+                   help="JSON architecture -> input size (an existing <size>.npy in --store-dir)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=4)
+    p.set_defaults(func=lambda a: __import__("moaflow.bench", fromlist=["bench"]).bench_training(
+        a.store_dir, json.loads(a.sizes), steps=a.steps, batch_size=a.batch_size, workers=a.workers) and None)
 
     p = sub.add_parser("demo", help="serve a generated stand-in on 127.0.0.1 and run the pipeline on it")
     p.add_argument("--configfile", default="config/demo.yaml", help="run from the repository root")

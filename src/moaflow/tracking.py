@@ -39,6 +39,17 @@ def git_commit(directory: str | os.PathLike = ".") -> str:
         return "unknown"
 
 
+def flatten_metrics(data, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of nested summaries as ``a.b.c`` metric names (for the parent run)."""
+    out = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(flatten_metrics(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(data, (int, float)) and not isinstance(data, bool) and data == data:
+        out[prefix.replace("/", ".")] = float(data)
+    return out
+
+
 def _flatten(prefix: str, value) -> dict[str, str]:
     if isinstance(value, dict):
         out = {}
@@ -119,7 +130,8 @@ def log_study(
         metrics = [Metric(column, float(value), 0, int(row["epoch"]))
                    for _, row in history.iterrows() for column, value in row.items()
                    if column != "epoch" and pd.notna(value)]
-        metrics.append(Metric("final_test_accuracy", float(run["test_accuracy"]), 0, int(len(history))))
+        if run.get("test_accuracy") is not None:
+            metrics.append(Metric("final_test_accuracy", float(run["test_accuracy"]), 0, int(len(history))))
         for start in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 entries
             client.log_batch(child_id, metrics=metrics[start:start + 900],
                              params=[Param(k, str(v)) for k, v in params.items()] if start == 0 else [])

@@ -149,11 +149,86 @@ def train_fold(
         Receives the outputs listed in the module docstring.
     checkpoint_dir : path
         Per-epoch checkpoints; a run finding one resumes from it.
+    dataset, init : str
+        Recorded in ``run.json`` for tracking.
 
     Returns
     -------
     history : pandas.DataFrame
         One row per epoch.
+    """
+    store = np.load(store_path, mmap_mode="r")
+    index = pd.read_parquet(index_path)
+    if len(store) != len(index):
+        raise ValueError(f"{store_path}: {len(store)} crops but {index_path} has {len(index)} rows")
+    table = folds_module.read_folds(folds_path)
+    rows = table[table["fold"] == fold]
+    if rows.empty:
+        raise ValueError(f"{folds_path}: no fold named {fold!r}")
+    fold_row = rows.iloc[0].to_dict()
+    if hyper["head"] == "softmax":
+        classes = sorted(index["moa"].unique())
+        labels = index["moa"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    else:
+        classes = ["negative", "positive"]
+        labels = index["label"].to_numpy().astype(int)
+    return fit_and_save(
+        store, index, labels, classes, folds_module.split(index, fold_row), architecture=architecture,
+        weights=weights, hyper=hyper, seed=seed, out_dir=out_dir, checkpoint_dir=checkpoint_dir, log=log,
+        record={"dataset": dataset, "init": init, "fold": fold, "test_group": fold_row["test_group"],
+                "validation_groups": fold_row["validation_groups"]})
+
+
+def train_folder(
+    root: str | os.PathLike,
+    *,
+    architecture: str,
+    input_size: int,
+    hyper: dict,
+    weights: str | None = None,
+    validation_fraction: float = 0.25,
+    seed: int = 0,
+    out_dir: str | os.PathLike,
+    checkpoint_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """Train on a class-per-folder image set (``root/<class>/<image>``), like the lab's data,
+    with a seeded, class-stratified validation split. Same outputs as `train_fold`."""
+    from moaflow.datasets import folder_dataset
+
+    images, labels, classes, validation = folder_dataset(root, input_size, validation_fraction=validation_fraction,
+                                                         seed=seed)
+    index = pd.DataFrame({"crop_id": np.arange(len(labels)), "moa": [classes[i] for i in labels]})
+    train_rows = np.setdiff1d(np.arange(len(labels)), validation)
+    parts = {"train": train_rows, "validation": validation, "test": np.zeros(0, dtype=int)}
+    return fit_and_save(images, index, labels, classes, parts, architecture=architecture, weights=weights,
+                        hyper=hyper, seed=seed, out_dir=out_dir,
+                        checkpoint_dir=checkpoint_dir or Path(out_dir) / "checkpoint", log=log,
+                        record={"dataset": str(root), "init": "", "fold": "folder", "test_group": "",
+                                "validation_groups": f"{len(validation)} images"})
+
+
+def fit_and_save(
+    store,
+    index: pd.DataFrame,
+    labels: np.ndarray,
+    classes: list[str],
+    parts: dict[str, np.ndarray],
+    *,
+    architecture: str,
+    weights: str | None,
+    hyper: dict,
+    seed: int,
+    out_dir: str | os.PathLike,
+    checkpoint_dir: str | os.PathLike,
+    record: dict,
+    log: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """Build (or resume), fit, predict and write the outputs for one split of ``store``.
+
+    ``store`` is an (N, S, S, 3) uint8 array (memory-mapped or not), ``labels``
+    integer classes per row, ``parts`` the ``train``/``validation``/``test``
+    row positions; ``record`` goes into ``run.json``.
     """
     import keras
 
@@ -166,26 +241,10 @@ def train_fold(
     keras.utils.set_random_seed(seed)
     if hyper["mixed_precision"]:
         keras.config.set_dtype_policy("mixed_float16")
-
-    store = np.load(store_path, mmap_mode="r")
-    index = pd.read_parquet(index_path)
-    if len(store) != len(index):
-        raise ValueError(f"{store_path}: {len(store)} crops but {index_path} has {len(index)} rows")
-    table = folds_module.read_folds(folds_path)
-    rows = table[table["fold"] == fold]
-    if rows.empty:
-        raise ValueError(f"{folds_path}: no fold named {fold!r}")
-    fold_row = rows.iloc[0].to_dict()
-    parts = folds_module.split(index, fold_row)
-
     if hyper["head"] == "softmax":
-        classes = sorted(index["moa"].unique())
-        labels = index["moa"].map({c: i for i, c in enumerate(classes)}).to_numpy()
         targets = np.eye(len(classes), dtype=np.float32)[labels]
         loss = "categorical_crossentropy"
     else:
-        classes = ["negative", "positive"]
-        labels = index["label"].to_numpy().astype(int)
         targets = labels.astype(np.float32)[:, None]
         loss = "binary_crossentropy"
     train_rows = parts["train"]
@@ -196,9 +255,8 @@ def train_fold(
     common = dict(channel_order=hyper["channel_order"], workers=hyper["workers"])
     train_set = CropBatches(store, train_rows, targets[train_rows], hyper["batch_size"], shuffle=True, seed=seed,
                             weights=sample_weights, max_batches=hyper["steps_per_epoch"], **common)
-    val_set = (CropBatches(store, parts["validation"], targets[parts["validation"]], hyper["batch_size"], **common)
-               if len(parts["validation"]) else None)
-    test_set = CropBatches(store, parts["test"], targets[parts["test"]], hyper["batch_size"], **common)
+    val_set, test_set = (CropBatches(store, parts[k], targets[parts[k]], hyper["batch_size"], **common)
+                         if len(parts[k]) else None for k in ("validation", "test"))
 
     state_path = checkpoint_dir / "state.json"
     history: list[dict] = []
@@ -213,8 +271,8 @@ def train_fold(
                             augmentation=hyper["augmentation"], input_scaling=hyper["input_scaling"], seed=seed)
         model.compile(optimizer=_optimizer(hyper, len(train_set)), loss=loss, metrics=["accuracy"],
                       run_eagerly=hyper["run_eagerly"])
-    log(f"{architecture} fold {fold}: {len(train_rows)} training, {len(parts['validation'])} validation, "
-        f"{len(parts['test'])} test crops; {len(classes)} classes; input {store.shape[1]}")
+    log(f"{architecture} {record.get('fold', '')}: {len(train_rows)} training, {len(parts['validation'])} "
+        f"validation, {len(parts['test'])} test images; {len(classes)} classes; input {store.shape[1]}")
     started = time.monotonic()
     if initial_epoch < hyper["epochs"]:
         train_set.set_epoch(initial_epoch)
@@ -224,7 +282,8 @@ def train_fold(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = {}
-    for name, batches, positions in (("test", test_set, parts["test"]), ("validation", val_set, parts["validation"])):
+    for name, batches in (("test", test_set), ("validation", val_set)):
+        positions = parts[name]
         probabilities = (model.predict(batches, verbose=0) if batches is not None
                          else np.zeros((0, len(classes) if hyper["head"] == "softmax" else 1)))
         if hyper["head"] == "sigmoid":
@@ -235,22 +294,24 @@ def train_fold(
         for k, c in enumerate(classes):
             frame[f"p_{c}"] = probabilities[:, k].astype(np.float64)
         frames[name] = frame
-    history_frame = pd.DataFrame(history)
     model_tmp = out_dir / "model.tmp.keras"
     model.save(model_tmp)
     for name, frame in frames.items():
         frame.to_parquet(out_dir / f"{name}_predictions.parquet.tmp", index=False)
-    history_frame.to_csv(out_dir / "history.tsv.tmp", sep="\t", index=False)
+    pd.DataFrame(history).to_csv(out_dir / "history.tsv.tmp", sep="\t", index=False)
+
+    def accuracy(name):
+        frame = frames[name]
+        if frame.empty:
+            return None
+        return float(np.mean(frame[[f"p_{c}" for c in classes]].to_numpy().argmax(1) == labels[parts[name]]))
+
     run = {
-        "dataset": dataset, "architecture": architecture, "init": init, "fold": fold,
-        "test_group": fold_row["test_group"],
-        "validation_groups": fold_row["validation_groups"], "weights": weights, "seed": seed,
-        "hyperparameters": hyper, "classes": classes, "input_size": int(store.shape[1]),
-        "n_train": int(len(train_rows)), "n_validation": int(len(parts["validation"])),
-        "n_test": int(len(parts["test"])), "train_seconds": seconds,
-        "backend": keras.backend.backend(), "keras_version": keras.__version__,
-        "test_accuracy": float(np.mean(frames["test"][[f"p_{c}" for c in classes]].to_numpy().argmax(1)
-                                       == labels[parts["test"]])),
+        **record, "architecture": architecture, "weights": weights, "seed": seed, "hyperparameters": hyper,
+        "classes": classes, "input_size": int(store.shape[1]), "n_train": int(len(train_rows)),
+        "n_validation": int(len(parts["validation"])), "n_test": int(len(parts["test"])),
+        "train_seconds": seconds, "backend": keras.backend.backend(), "keras_version": keras.__version__,
+        "test_accuracy": accuracy("test"), "validation_accuracy": accuracy("validation"),
     }
     os.replace(model_tmp, out_dir / "model.keras")
     for name in frames:
@@ -258,5 +319,7 @@ def train_fold(
     os.replace(out_dir / "history.tsv.tmp", out_dir / "history.tsv")
     _atomic_json(run, out_dir / "run.json")
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # done: the outputs supersede the checkpoint
-    log(f"done: held-out crop accuracy {run['test_accuracy']:.3f} after {len(history_frame)} epochs")
-    return history_frame
+    shown = run["test_accuracy"] if run["test_accuracy"] is not None else run["validation_accuracy"]
+    log(f"done: {'held-out' if run['test_accuracy'] is not None else 'validation'} accuracy "
+        f"{shown if shown is None else round(shown, 3)} after {len(history)} epochs")
+    return pd.DataFrame(history)

@@ -73,5 +73,6 @@ def all_targets():
             targets += expand("results/bbbc021/illumination/{plate}.png", plate=BBBC021_PLATES)
     if "bbbc014" in DATASETS:
         targets.append("results/bbbc014/crops/index.parquet")
+    targets += [f"results/{ds}/evaluation/summary.json" for ds in DATASETS]
     targets.append("results/mlflow/runs.json")
     return targets

@@ -68,6 +68,17 @@ rule train:
 rule track_mlflow:
     input:
         runs=[f"{run}/run.json" for ds in DATASETS for run in training_runs(ds)],
+        summaries=[f"results/{ds}/evaluation/summary.json" for ds in DATASETS],
+        figures=(
+            ["results/bbbc021/evaluation/learning_curves.png"]
+            + [
+                f"results/bbbc021/evaluation/confusion_treatment_{a}_{i}.png"
+                for a in trained_architectures("bbbc021")
+                for i in INITS
+            ]
+            if "bbbc021" in DATASETS
+            else []
+        ),
     output:
         "results/mlflow/runs.json",
     params:
@@ -88,4 +99,5 @@ rule track_mlflow:
         # MLFLOW_TRACKING_URI, when set, wins over the config (a tracking server)
         'moaflow track --run-dirs {params.run_dirs} --tracking-uri "${{MLFLOW_TRACKING_URI:-{params.uri}}}"'
         " --experiment {params.experiment:q} --config-hash {params.config_hash} {params.no_models}"
+        " --summaries {input.summaries} --artifacts {input.summaries} {input.figures}"
         " --output {output} 2> {log}"

@@ -1,0 +1,88 @@
+"""Evaluation on hand-made predictions with known answers, and conformal coverage."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moaflow import evaluate
+
+
+def _crops(rows):
+    """rows: (compound, concentration, replicate, image_number, true, pA, pB)"""
+    frame = pd.DataFrame(rows, columns=["compound", "concentration", "replicate", "image_number", "true", "p_A", "p_B"])
+    frame["moa"] = frame["true"]
+    return frame
+
+
+def test_treatment_call_is_the_median_of_replicate_medians():
+    # Replicate 1: crop medians (0.9, 0.1); replicate 2: (0.3, 0.7); replicate 3: (0.4, 0.6).
+    # Median over replicates: A = 0.4, B = 0.6 -> B, although the mean of A over crops is higher.
+    crops = _crops([
+        ("x", 1.0, 1, 1, "A", 0.95, 0.05), ("x", 1.0, 1, 1, "A", 0.9, 0.1), ("x", 1.0, 1, 2, "A", 0.85, 0.15),
+        ("x", 1.0, 2, 3, "A", 0.3, 0.7),
+        ("x", 1.0, 3, 4, "A", 0.4, 0.6),
+    ])
+    treatment = evaluate.aggregate(crops, "treatment")
+    assert len(treatment) == 1
+    assert treatment.loc[0, "p_A"] == pytest.approx(0.4) and treatment.loc[0, "predicted"] == "B"
+    assert crops[["p_A"]].mean().item() > 0.5
+
+
+def test_image_level_uses_the_median_of_the_fields_crops():
+    crops = _crops([("x", 1.0, 1, 1, "A", 0.9, 0.1), ("x", 1.0, 1, 1, "A", 0.2, 0.8), ("x", 1.0, 1, 1, "A", 0.6, 0.4),
+                    ("x", 1.0, 1, 2, "A", 0.1, 0.9)])
+    image = evaluate.aggregate(crops, "image")
+    assert list(image["predicted"]) == ["A", "B"] and image.loc[0, "p_A"] == pytest.approx(0.6)
+
+
+def test_a_tie_goes_to_the_first_class_like_argmax():
+    crops = _crops([("x", 1.0, 1, 1, "B", 0.5, 0.5)])
+    assert evaluate.aggregate(crops, "treatment").loc[0, "predicted"] == "A"
+
+
+def test_confusion_matrix_sums_to_the_number_of_treatments():
+    rng = np.random.default_rng(0)
+    rows = []
+    for t in range(10):
+        for replicate in (1, 2, 3):
+            p = rng.uniform()
+            rows.append((f"c{t % 4}", float(t), replicate, t * 3 + replicate, "A" if t % 2 else "B", p, 1 - p))
+    treatment = evaluate.aggregate(_crops(rows), "treatment")
+    matrix = evaluate.confusion(treatment, ["A", "B"])
+    assert matrix.to_numpy().sum() == 10 == len(treatment)
+    assert np.trace(matrix.to_numpy()) / 10 == pytest.approx(evaluate.accuracy(treatment))
+
+
+def test_per_class_recall():
+    frame = pd.DataFrame({"true": ["A", "A", "B", "B"], "predicted": ["A", "B", "B", "B"]})
+    assert evaluate.per_class_recall(frame, ["A", "B"]) == {"A": 0.5, "B": 1.0}
+
+
+def _calibrated(n, rng, k=4):
+    """A calibrated classifier: labels are drawn from the predicted probabilities."""
+    probabilities = rng.dirichlet(np.ones(k) * 0.7, size=n)
+    labels = np.array([rng.choice(k, p=p) for p in probabilities])
+    frame = pd.DataFrame(probabilities, columns=[f"p_{c}" for c in "ABCD"[:k]])
+    frame["true"] = np.array(list("ABCD"))[labels]
+    return frame
+
+
+@pytest.mark.parametrize("significance", [0.1, 0.2])
+def test_mondrian_coverage_is_within_binomial_tolerance(significance):
+    rng = np.random.default_rng(1)
+    calibration, test = _calibrated(4000, rng), _calibrated(4000, rng)
+    table = evaluate.conformal_table(test, calibration, [significance])
+    for row in table.itertuples():
+        # class-conditional validity: coverage >= 1 - significance, up to 3 standard errors from both
+        # random samples (test points, and the calibration set the threshold comes from)
+        tolerance = 3 * np.sqrt(significance * (1 - significance) * (1 / row.n + 1 / max(row.n_calibration, 1)))
+        assert row.coverage >= 1 - significance - tolerance, row
+        assert row.coverage <= 1 - significance + tolerance + 1 / (row.n_calibration + 1), row
+    assert table.query("`class` == 'all'")["mean_set_size"].item() < 4
+
+
+def test_a_class_without_calibration_is_always_in_the_set():
+    calibration = pd.DataFrame({"p_A": [0.9, 0.8], "p_B": [0.1, 0.2], "true": ["A", "A"]})
+    test = pd.DataFrame({"p_A": [0.99], "p_B": [0.01], "true": ["A"]})
+    sets = evaluate.conformal_sets(test, evaluate.mondrian_calibration(calibration), 0.1)
+    assert "B" in sets[0]
