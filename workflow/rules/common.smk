@@ -65,6 +65,16 @@ def training_runs(dataset):
     )
 
 
+def deviation_settings():
+    """The parts of the config that the deviations-from-the-paper table compares."""
+    training = {k: v for k, v in TRAIN.items() if k != "resources"}
+    return {
+        "bbbc021": {"base_urls": config["bbbc021"]["base_urls"]},
+        "preprocess": {"bbbc021": config["preprocess"]["bbbc021"]},
+        "training": training,
+    }
+
+
 def all_targets():
     targets = []
     if "bbbc021" in DATASETS:
