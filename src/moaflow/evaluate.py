@@ -134,6 +134,7 @@ def plot_learning_curves(histories: dict[tuple[str, str], list[pd.DataFrame]], p
             ax.plot(table.index, table.mean(axis=1), marker="o", label=f"{init} (n={table.shape[1]})")
             ax.fill_between(table.index, table.min(axis=1), table.max(axis=1), alpha=0.2)
         ax.set_title(architecture)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
         ax.set_ylabel("held-out crop accuracy")
         ax.set_ylim(0, 1)
