@@ -86,3 +86,27 @@ def test_a_class_without_calibration_is_always_in_the_set():
     test = pd.DataFrame({"p_A": [0.99], "p_B": [0.01], "true": ["A"]})
     sets = evaluate.conformal_sets(test, evaluate.mondrian_calibration(calibration), 0.1)
     assert "B" in sets[0]
+
+
+def test_several_seeds_give_a_seed_variation_row(tmp_path):
+    """Two seeds: one calls every treatment right, the other half of them."""
+    folds = pd.DataFrame({"fold": ["x", "y"]})
+    for seed, wrong in ((0, set()), (1, {"y"})):
+        for fold in ("x", "y"):
+            base = tmp_path / "models" / "net" / "random" / f"seed-{seed}" / fold
+            base.mkdir(parents=True)
+            true = "A" if fold == "x" else "B"
+            p_true = 0.2 if fold in wrong else 0.9
+            crops = _crops([(fold, 1.0, r, r, true, p_true if true == "A" else 1 - p_true,
+                             p_true if true == "B" else 1 - p_true) for r in (1, 2, 3)])
+            crops.assign(crop_id=range(3)).to_parquet(base / "test_predictions.parquet")
+            crops.iloc[:0].to_parquet(base / "validation_predictions.parquet")
+            pd.DataFrame({"epoch": [1], "test_accuracy": [1.0]}).to_csv(base / "history.tsv", sep="\t", index=False)
+    summary = evaluate.evaluate_bbbc021(tmp_path / "models", folds, ["net"], ["random"], tmp_path / "out", [0.1],
+                                        seeds=[0, 1])
+    assert summary["accuracy"]["net/random"]["treatment"] == pytest.approx(0.75)   # mean of 1.0 and 0.5
+    table = pd.read_csv(tmp_path / "out" / "accuracy.csv")
+    row = table.query("architecture == 'net' and level == 'treatment'").iloc[0]
+    assert row["seeds"] == 2 and row["sd_percent"] == pytest.approx(np.std([100, 50], ddof=1))
+    variation = pd.read_csv(tmp_path / "out" / "seed_variation.csv")
+    assert sorted(variation.query("level == 'treatment'")["accuracy_percent"]) == [50.0, 100.0]

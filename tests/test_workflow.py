@@ -49,10 +49,10 @@ def test_demo_trained_every_fold(demo):
     workdir, config, _, _ = demo
     folds = pd.read_csv(config["training"]["bbbc021"]["folds_file"], sep="\t")
     for fold in folds["fold"]:
-        run = json.loads((workdir / "results" / "bbbc021" / "models" / "resnet50" / "random" / fold / "run.json").read_text())
+        run = json.loads((workdir / "results" / "bbbc021" / "models" / "resnet50" / "random" / "seed-0" / fold / "run.json").read_text())
         assert run["fold"] == fold and run["n_test"] > 0
     for fold in ("a549", "mcf7"):
-        assert (workdir / "results" / "bbbc014" / "models" / "resnet50" / "random" / fold / "model.keras").is_file()
+        assert (workdir / "results" / "bbbc014" / "models" / "resnet50" / "random" / "seed-0" / fold / "model.keras").is_file()
     assert not (workdir / "results" / "bbbc021" / "checkpoints").exists() or \
         not list((workdir / "results" / "bbbc021" / "checkpoints").rglob("*.keras"))
 

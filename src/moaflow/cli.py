@@ -241,11 +241,12 @@ def _cmd_evaluate(args) -> None:
     table = folds.read_folds(args.folds)
     if args.dataset == "bbbc021":
         evaluate.evaluate_bbbc021(args.models_dir, table, args.architectures, args.inits, args.out_dir,
-                                  args.significance)
+                                  args.significance, seeds=args.seeds)
         config = json.loads(Path(args.config_json).read_text()) if args.config_json else {}
         evaluate.deviations(config).to_csv(Path(args.out_dir) / "deviations.csv", index=False)
     else:
-        evaluate.evaluate_bbbc014(args.models_dir, table, args.architectures, args.inits, args.out_dir)
+        evaluate.evaluate_bbbc014(args.models_dir, table, args.architectures, args.inits, args.out_dir,
+                                  seeds=args.seeds)
     _log(f"evaluation written to {args.out_dir}")
 
 
@@ -456,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", required=True)
     p.add_argument("--architectures", nargs="+", required=True)
     p.add_argument("--inits", nargs="+", required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--significance", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--config-json", help="the run's config (for the deviations table)")
     p.add_argument("--out-dir", required=True)

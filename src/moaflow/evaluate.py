@@ -197,9 +197,9 @@ def conformal_table(test: pd.DataFrame, calibration: pd.DataFrame, significances
 
 # ------------------------------------------------------------------ study evaluation
 
-def load_runs(models_dir: str | os.PathLike, architecture: str, init: str, folds: list[str]):
-    """Concatenate a (architecture, init)'s test and validation predictions and histories over folds."""
-    base = Path(models_dir) / architecture / init
+def load_runs(models_dir: str | os.PathLike, architecture: str, init: str, folds: list[str], seed: int = 0):
+    """Concatenate a (architecture, init, seed)'s test and validation predictions and histories over folds."""
+    base = Path(models_dir) / architecture / init / f"seed-{seed}"
     tests, validations, histories = [], [], []
     for fold in folds:
         tests.append(pd.read_parquet(base / fold / "test_predictions.parquet").assign(fold=fold))
@@ -214,28 +214,39 @@ def _calibration_for(validation: pd.DataFrame, test_fold_compound: str) -> pd.Da
 
 
 def evaluate_bbbc021(models_dir, folds: pd.DataFrame, architectures: list[str], inits: list[str],
-                     out_dir, significances: list[float]) -> dict:
-    """Everything the BBBC021 report shows; writes CSVs and PNGs to ``out_dir``, returns the summary."""
+                     out_dir, significances: list[float], seeds: list[int] = (0,)) -> dict:
+    """Everything the BBBC021 report shows; writes CSVs and PNGs to ``out_dir``, returns the summary.
+
+    With several seeds the accuracies are means over seeds (``sd_percent`` their
+    standard deviation, ``seed_variation.csv`` each seed's value); confusion
+    matrices, misclassified treatments, conformal sets and the ensemble use the first seed.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    seeds = list(seeds)
     fold_names = list(folds["fold"])
-    rows, summary, histories, misclassified, conformal, per_moa = [], {}, {}, [], [], []
+    rows, summary, histories, misclassified, conformal, per_moa, by_seed = [], {}, {}, [], [], [], []
     ensemble: dict[str, list[pd.DataFrame]] = {}
     classes = None
     for architecture in architectures:
         for init in inits:
-            test, validation, history = load_runs(models_dir, architecture, init, fold_names)
+            runs = {seed: load_runs(models_dir, architecture, init, fold_names, seed) for seed in seeds}
+            test, validation, _ = runs[seeds[0]]
             columns = probability_columns(test)
             classes = [c[2:] for c in columns]
-            histories[(architecture, init)] = history
+            histories[(architecture, init)] = [h for seed in seeds for h in runs[seed][2]]
             ensemble.setdefault(init, []).append(test)
             key = f"{architecture}/{init}"
             summary[key] = {}
             for level in ("crop", "image", "treatment"):
                 frame = aggregate(test, level)
-                summary[key][level] = accuracy(frame)
+                values = [accuracy(aggregate(runs[seed][0], level)) for seed in seeds]
+                by_seed += [{"architecture": architecture, "init": init, "level": level, "seed": seed,
+                             "accuracy_percent": 100 * v} for seed, v in zip(seeds, values)]
+                summary[key][level] = float(np.mean(values))
                 rows.append({"architecture": architecture, "init": init, "level": level, "n": len(frame),
-                             "accuracy_percent": 100 * accuracy(frame),
+                             "seeds": len(seeds), "accuracy_percent": 100 * float(np.mean(values)),
+                             "sd_percent": 100 * float(np.std(values, ddof=1)) if len(values) > 1 else None,
                              "paper_percent": PAPER_TREATMENT_ACCURACY.get(architecture)
                              if level == "treatment" and init == "imagenet" else None})
                 if level in ("image", "treatment"):
@@ -274,11 +285,15 @@ def evaluate_bbbc021(models_dir, folds: pd.DataFrame, architectures: list[str], 
             merged[columns] = np.mean([t[columns].to_numpy() for t in tests], axis=0)
             for level in ("crop", "image", "treatment"):
                 frame = aggregate(merged, level)
-                rows.append({"architecture": "ensemble", "init": init, "level": level, "n": len(frame),
-                             "accuracy_percent": 100 * accuracy(frame), "paper_percent": None})
+                rows.append({"architecture": "ensemble", "init": init, "level": level, "n": len(frame), "seeds": 1,
+                             "accuracy_percent": 100 * accuracy(frame), "sd_percent": None, "paper_percent": None})
                 summary.setdefault(f"ensemble/{init}", {})[level] = accuracy(frame)
     table = pd.DataFrame(rows)
     table.to_csv(out_dir / "accuracy.csv", index=False)
+    if len(seeds) > 1:
+        pd.DataFrame(by_seed).to_csv(out_dir / "seed_variation.csv", index=False)
+        summary["seed_variation_percent"] = {
+            f"{r.architecture}/{r.init}/{r.level}": r.sd_percent for r in table.itertuples() if r.sd_percent is not None}
     pd.DataFrame(misclassified, columns=["architecture", "init", "compound", "concentration", "true",
                                          "predicted"]).to_csv(out_dir / "misclassified_treatments.csv", index=False)
     pd.DataFrame(per_moa).to_csv(out_dir / "per_moa_recall.csv", index=False)
@@ -292,24 +307,25 @@ def evaluate_bbbc021(models_dir, folds: pd.DataFrame, architectures: list[str], 
     return headline
 
 
-def evaluate_bbbc014(models_dir, folds: pd.DataFrame, architectures: list[str], inits: list[str], out_dir) -> dict:
-    """Well-level accuracy per fold (cell line) and architecture: mean crop probability >= 0.5."""
+def evaluate_bbbc014(models_dir, folds: pd.DataFrame, architectures: list[str], inits: list[str], out_dir,
+                     seeds: list[int] = (0,)) -> dict:
+    """Well-level accuracy per fold (cell line), architecture and seed: mean crop probability >= 0.5."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for architecture in architectures:
-        for init in inits:
-            test, _, _ = load_runs(models_dir, architecture, init, list(folds["fold"]))
-            wells = test.groupby(["fold", "cell_line", "well"], as_index=False).agg(
-                p=("p_positive", "mean"), label=("label", "first"))
-            wells["predicted"] = (wells["p"] >= 0.5).astype(int)
-            for (fold, line), part in wells.groupby(["fold", "cell_line"]):
-                rows.append({"architecture": architecture, "init": init, "fold": fold, "test_cell_line": line,
-                             "wells": len(part), "accuracy_percent": 100 * float((part["predicted"] == part["label"]).mean())})
+    for architecture, init, seed in ((a, i, s) for a in architectures for i in inits for s in seeds):
+        test, _, _ = load_runs(models_dir, architecture, init, list(folds["fold"]), seed)
+        wells = test.groupby(["fold", "cell_line", "well"], as_index=False).agg(
+            p=("p_positive", "mean"), label=("label", "first"))
+        wells["predicted"] = (wells["p"] >= 0.5).astype(int)
+        for (fold, line), part in wells.groupby(["fold", "cell_line"]):
+            rows.append({"architecture": architecture, "init": init, "seed": seed, "fold": fold,
+                         "test_cell_line": line, "wells": len(part),
+                         "accuracy_percent": 100 * float((part["predicted"] == part["label"]).mean())})
     table = pd.DataFrame(rows)
     table.to_csv(out_dir / "well_accuracy.csv", index=False)
     headline = {"dataset": "bbbc014", "well_accuracy_percent": {
-        f"{r.architecture}/{r.init}/{r.fold}": r.accuracy_percent for r in table.itertuples()}}
+        f"{r.architecture}/{r.init}/seed-{r.seed}/{r.fold}": r.accuracy_percent for r in table.itertuples()}}
     _write_json(headline, out_dir / "summary.json")
     return headline
 

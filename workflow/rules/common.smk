@@ -57,17 +57,18 @@ def input_size(wildcards):
 
 def training_runs(dataset):
     return expand(
-        "results/{dataset}/models/{architecture}/{init}/{fold}",
+        "results/{dataset}/models/{architecture}/{init}/seed-{seed}/{fold}",
         dataset=dataset,
         architecture=trained_architectures(dataset),
         init=INITS,
+        seed=TRAIN["seeds"],
         fold=fold_names(dataset),
     )
 
 
 def deviation_settings():
     """The parts of the config that the deviations-from-the-paper table compares."""
-    training = {k: v for k, v in TRAIN.items() if k != "resources"}
+    training = {k: v for k, v in TRAIN.items() if k not in ("resources", "seeds")}
     return {
         "bbbc021": {"base_urls": config["bbbc021"]["base_urls"]},
         "preprocess": {"bbbc021": config["preprocess"]["bbbc021"]},

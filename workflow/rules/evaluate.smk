@@ -61,6 +61,7 @@ rule evaluate_bbbc021:
     params:
         architectures=" ".join(trained_architectures("bbbc021")),
         inits=" ".join(INITS),
+        seeds=" ".join(map(str, TRAIN["seeds"])),
         significance=" ".join(map(str, config["evaluation"]["significance_levels"])),
         # only what the deviations table reads: other settings must not retrigger evaluation
         config_json=lambda wc: json.dumps(deviation_settings(), default=str),
@@ -75,7 +76,7 @@ rule evaluate_bbbc021:
     shell:
         "printf '%s' {params.config_json:q} > results/bbbc021/evaluation/.config.json 2> {log};"
         " moaflow evaluate bbbc021 --models-dir results/bbbc021/models --folds {input.folds}"
-        " --architectures {params.architectures} --inits {params.inits}"
+        " --architectures {params.architectures} --inits {params.inits} --seeds {params.seeds}"
         " --significance {params.significance} --config-json results/bbbc021/evaluation/.config.json"
         " --out-dir results/bbbc021/evaluation 2>> {log}"
 
@@ -95,6 +96,7 @@ rule evaluate_bbbc014:
     params:
         architectures=" ".join(trained_architectures("bbbc014")),
         inits=" ".join(INITS),
+        seeds=" ".join(map(str, TRAIN["seeds"])),
     log:
         "results/logs/evaluation/bbbc014.log",
     resources:
@@ -105,5 +107,5 @@ rule evaluate_bbbc014:
         "../../envs/moaflow.yaml"
     shell:
         "moaflow evaluate bbbc014 --models-dir results/bbbc014/models --folds {input.folds}"
-        " --architectures {params.architectures} --inits {params.inits}"
+        " --architectures {params.architectures} --inits {params.inits} --seeds {params.seeds}"
         " --out-dir results/bbbc014/evaluation 2> {log}"

@@ -8,6 +8,7 @@ wildcard_constraints:
     architecture="|".join(TRAIN["architectures"]),
     init="|".join(INITS),
     fold=r"[a-z0-9-]+",
+    seed=r"[0-9]+",
 
 
 rule check_folds:
@@ -34,19 +35,18 @@ rule train:
         index="results/{dataset}/crops/index.parquet",
         folds="results/{dataset}/folds.tsv",
     output:
-        model="results/{dataset}/models/{architecture}/{init}/{fold}/model.keras",
-        history="results/{dataset}/models/{architecture}/{init}/{fold}/history.tsv",
-        test="results/{dataset}/models/{architecture}/{init}/{fold}/test_predictions.parquet",
-        validation="results/{dataset}/models/{architecture}/{init}/{fold}/validation_predictions.parquet",
-        run="results/{dataset}/models/{architecture}/{init}/{fold}/run.json",
+        model="results/{dataset}/models/{architecture}/{init}/seed-{seed}/{fold}/model.keras",
+        history="results/{dataset}/models/{architecture}/{init}/seed-{seed}/{fold}/history.tsv",
+        test="results/{dataset}/models/{architecture}/{init}/seed-{seed}/{fold}/test_predictions.parquet",
+        validation="results/{dataset}/models/{architecture}/{init}/seed-{seed}/{fold}/validation_predictions.parquet",
+        run="results/{dataset}/models/{architecture}/{init}/seed-{seed}/{fold}/run.json",
     params:
         weights=lambda wc: INITS[wc.init],
         preset=lambda wc: TRAIN[wc.dataset]["preset"],
         hyper=lambda wc: json.dumps(TRAIN[wc.dataset]["hyperparameters"]),
-        seed=TRAIN["seed"],
         # per-epoch checkpoints live outside the declared outputs, so a failed
         # job's cleanup keeps them and a rerun resumes
-        checkpoints="results/{dataset}/checkpoints/{architecture}/{init}/{fold}",
+        checkpoints="results/{dataset}/checkpoints/{architecture}/{init}/seed-{seed}/{fold}",
     log:
         "results/logs/training/{dataset}/{architecture}/{init}/{fold}.log",
     resources:
@@ -61,7 +61,7 @@ rule train:
         " moaflow --threads {threads} train --store {input.store} --index {input.index}"
         " --folds {input.folds} --fold {wildcards.fold} --architecture {wildcards.architecture}"
         " --dataset {wildcards.dataset} --init {wildcards.init} --weights {params.weights:q}"
-        " --preset {params.preset} --hyperparameters {params.hyper:q} --seed {params.seed}"
+        " --preset {params.preset} --hyperparameters {params.hyper:q} --seed {wildcards.seed}"
         " --out-dir $(dirname {output.model}) --checkpoint-dir {params.checkpoints} 2> {log}"
 
 
