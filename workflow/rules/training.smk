@@ -48,7 +48,7 @@ rule train:
         # job's cleanup keeps them and a rerun resumes
         checkpoints="results/{dataset}/checkpoints/{architecture}/{init}/seed-{seed}/{fold}",
     log:
-        "results/logs/training/{dataset}/{architecture}/{init}/{fold}.log",
+        "results/logs/training/{dataset}/{architecture}/{init}/seed-{seed}/{fold}.log",
     resources:
         gpu=TRAIN["resources"]["gpu"],
         mem_mb=TRAIN["resources"]["mem_mb"],
