@@ -56,17 +56,6 @@ def _cmd_fetch(args) -> None:
                    timeout_seconds=args.timeout, verify=verify)
 
 
-def _check_tiff(path: Path) -> None:
-    import tifffile
-
-    try:
-        image = tifffile.imread(path)
-    except Exception as exc:  # tifffile raises several types for damaged files
-        raise download.VerificationError(f"{path}: not a readable TIFF ({exc})") from exc
-    if image.ndim != 2:
-        raise download.VerificationError(f"{path}: expected a single-channel image, got shape {image.shape}")
-
-
 def _check_bmp(path: Path) -> None:
     from PIL import Image
 
@@ -80,7 +69,7 @@ def _check_bmp(path: Path) -> None:
 def _cmd_extract_bbbc021(args) -> None:
     expected = image_table.plate_file_names(args.image_csv, args.plate)
     download.extract_archive(args.archive, args.output, member_root=args.plate, expected=expected,
-                             check_file=_check_tiff)
+                             check_file=illumination.read_tiff)
 
 
 def _cmd_extract_bbbc014(args) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse
 
+from moaflow.download import VerificationError
 from moaflow.illumination import read_tiff
 
 #: Channels as read (the image table's path columns) and as stored (the study's order).
@@ -393,8 +394,6 @@ def preprocess_bbbc014(
                 with Image.open(row[column]) as im:
                     channels.append(np.asarray(im.convert("L")))
             except Exception as exc:  # PIL raises several types for damaged files
-                from moaflow.download import VerificationError
-
                 raise VerificationError(f"{row[column]}: cannot read image ({exc})") from exc
         side = channels[0].shape[0]
         rgb = np.zeros((3, side, side), np.uint8)   # (zeros, DAPI, FITC), channels first
