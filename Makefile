@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/moaflow demo --cores 2
 
 test: $(STAMP)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -rs
 
 bench: $(STAMP)
 	$(BIN)/moaflow bench-preprocess

@@ -7,12 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 import yaml
 
-from moaflow import standin
+from moaflow import download, standin
+from moaflow.image_table import bbbc021_image_table
 from moaflow.serve import StandinServer
+from moaflow.study import BBBC021_PLATES_BY_WEEK
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("MOAFLOW_REFERENCE", REPO.parent / "shared" / "reference"))
@@ -52,8 +56,8 @@ def tiny_config(workdir: Path, server_url: str) -> dict:
     folds.write_folds(folds.leave_one_compound_out(treatments.assign(batch="Week1"), n_validation=1),
                       workdir / "folds_bbbc021.tsv")
     config["bbbc021"]["base_urls"] = [server_url + "BBBC021/"]
-    config["bbbc021"]["plates"] = [f"{week}_{standin.BBBC021_PLATES[week][0]}"
-                                   for week in list(standin.BBBC021_PLATES)[: TINY_BBBC021["n_plates"]]]
+    config["bbbc021"]["plates"] = [f"{week}_{numbers[0]}" for week, numbers in
+                                   list(BBBC021_PLATES_BY_WEEK.items())[: TINY_BBBC021["n_plates"]]]
     config["bbbc014"]["base_urls"] = [server_url + "BBBC014/"]
     config["download"].update(retries=1, backoff_seconds=0.1)
     config["preprocess"] = {"bbbc021": {"illumination": {"compute": True, "apply": False, "filter_size": 6,
@@ -66,6 +70,8 @@ def tiny_config(workdir: Path, server_url: str) -> dict:
     config["training"]["bbbc014"] = {"folds_file": str(REPO / "config" / "folds" / "bbbc014.tsv"),
                                      "architectures": ["resnet50"], "preset": "bbbc014",
                                      "hyperparameters": quick, "input_sizes": {"resnet50": 32}}
+    # A free-text value a shell would act on if it were not quoted (the marker must never appear).
+    config["tracking"]["experiment"] = f"moaflow tiny's $(touch {workdir / 'pwned'})"
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in TINY_BBBC021.items()}
     config["standin"].update(out_dir="results/standin", bbbc021=settings,
                              bbbc014={"shape": list(TINY_BBBC014["shape"]), "dapi_channel": 1, "seed": 7})
@@ -98,7 +104,8 @@ def build_crop_store(out: Path, sizes: list[int], **standin_settings) -> tuple[P
 
     Uses the pipeline's own functions; returns (folder with <size>.npy, index path).
     """
-    from moaflow import download, image_table, preprocess
+    from moaflow import download, image_table, preprocess, store
+    from moaflow.io import write_array, write_table
 
     manifest = standin.write_bbbc021(out, log=lambda _: None, **standin_settings)
     www = out / "www" / "BBBC021"
@@ -110,15 +117,15 @@ def build_crop_store(out: Path, sizes: list[int], **standin_settings) -> tuple[P
     for plate in manifest["plates"]:
         arrays, index = preprocess.preprocess_plate(table[table["plate"] == plate], sizes=sizes)
         for size, array in arrays.items():
-            preprocess.write_array(array, out / f"{plate}.{size}.npy")
-        image_table.write_table(index, out / f"{plate}.index.parquet")
+            write_array(array, out / f"{plate}.{size}.npy")
+        write_table(index, out / f"{plate}.index.parquet")
         parts.append(plate)
     crops = out / "crops"
     crops.mkdir()
     for size in sizes:
-        index = preprocess.gather([(out / f"{p}.{size}.npy", out / f"{p}.index.parquet") for p in parts],
+        index = store.gather([(out / f"{p}.{size}.npy", out / f"{p}.index.parquet") for p in parts],
                                   crops / f"{size}.npy")
-    image_table.write_table(index, crops / "index.parquet")
+    write_table(index, crops / "index.parquet")
     return crops, crops / "index.parquet"
 
 
@@ -136,3 +143,41 @@ def demo(tmp_path_factory):
                              "--snakefile", str(REPO / "Snakefile")], cwd=workdir, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     return workdir, config, port, result
+
+
+@pytest.fixture(scope="session")
+def small_plate(tmp_path_factory):
+    """One extracted stand-in plate (64x80 fields) and its image table."""
+    out = tmp_path_factory.mktemp("plate")
+    manifest = standin.write_bbbc021(out, n_plates=1, sites=2, dmso_wells=3, moas=["Eg5 inhibitors", "Epithelial"],
+                                     compounds_per_moa=1, concentrations_per_compound=2, shape=(64, 80),
+                                     seed=11, log=lambda _: None)
+    plate = manifest["plates"][0]
+    www = out / "www" / "BBBC021"
+    download.extract_archive(www / f"BBBC021_v1_images_{plate}.zip", out / "images" / plate,
+                             member_root=plate, log=lambda _: None)
+    table = bbbc021_image_table(www / "BBBC021_v1_image.csv", www / "BBBC021_v1_moa.csv", out / "images",
+                                log=lambda _: None)
+    return out, table
+
+
+def direct_study(table):
+    """The reference formulas transcribed literally, pixel by pixel, in float64.
+
+    Returns, per image number, the uint8 image and the float image before truncation,
+    both channels last in stored order (Actin, Tubulin, DAPI).
+    """
+    def read(row):
+        return np.stack([tifffile.imread(row[f"path_{c}"]) for c in ("dapi", "tubulin", "actin")])
+
+    dmso = np.stack([read(r) for _, r in table[table["is_dmso"]].iterrows()])   # (F, 3, M, N)
+    a = 2 * np.sqrt(dmso.astype(np.float64) + 3 / 8)
+    mean = a.transpose(1, 0, 2, 3).reshape(3, -1).mean(axis=1)
+    std = a.transpose(1, 0, 2, 3).reshape(3, -1).std(axis=1)
+    images = {}
+    for _, row in table[~table["is_dmso"]].iterrows():
+        z = (2 * np.sqrt(read(row).astype(np.float64) + 3 / 8) - mean[:, None, None]) / std[:, None, None]
+        scaled = (z - z.min()) / (z.max() - z.min()) * 255
+        images[row["image_number"]] = (np.moveaxis(scaled.astype(np.uint8)[[2, 1, 0]], 0, -1),
+                                       np.moveaxis(scaled[[2, 1, 0]], 0, -1))
+    return images

@@ -2,12 +2,15 @@
 
 import copy
 
+import pandas as pd
 import pytest
 import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from .conftest import REPO, run_snakemake
+from moaflow.study import resolve_plates
+
+from .conftest import REFERENCE, REPO, run_snakemake
 
 SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
 
@@ -24,7 +27,9 @@ def test_shipped_configs_are_valid(name):
 def test_real_config_has_all_55_plates_and_real_urls():
     config = _config("config.yaml")
     validate(config, SCHEMA)
-    assert len(config["bbbc021"]["plates"]) == 55
+    plates = resolve_plates(config["bbbc021"]["plates"])
+    published = pd.read_csv(REFERENCE / "bbbc021" / "BBBC021_v1_image.csv", usecols=["Image_Metadata_Plate_DAPI"])
+    assert len(plates) == 55 and set(plates) == set(published["Image_Metadata_Plate_DAPI"])
     assert config["bbbc021"]["base_urls"][0] == "https://data.broadinstitute.org/bbbc/BBBC021/"
     assert config["bbbc014"]["base_urls"][0] == "https://data.broadinstitute.org/bbbc/BBBC014/"
 

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from moaflow import download
+from moaflow import download, images
 from moaflow.cli import main as moaflow
 from moaflow.serve import StandinServer
+
+from .conftest import REFERENCE
 
 
 def _random_zip(path: Path, megabytes: float, seed: int = 0) -> Path:
@@ -36,10 +38,37 @@ def www(tmp_path):
 
 def test_fetch_downloads_identical_bytes(www, tmp_path):
     with StandinServer(www) as server:
-        out = download.fetch([server.url + "big.zip"], tmp_path / "got.zip", verify=download.verify_zip,
-                             log=lambda _: None)
+        receipt = download.fetch([server.url + "big.zip"], tmp_path / "got.zip", verify=download.verify_zip,
+                                 log=lambda _: None)
+    out = tmp_path / "got.zip"
     assert out.read_bytes() == (www / "big.zip").read_bytes()
     assert not out.with_name("got.zip.part").exists()
+    assert receipt["sha256"] == download.file_digest(www / "big.zip")
+    assert receipt["source"] == server.url + "big.zip" and receipt["transferred_bytes"] == out.stat().st_size
+
+
+def test_a_verified_file_is_reused_without_a_transfer(www, tmp_path):
+    with StandinServer(www) as server:
+        download.fetch([server.url + "big.zip"], tmp_path / "got.zip", verify=download.verify_zip, log=lambda _: None)
+        inode = (tmp_path / "got.zip").stat().st_ino
+        n_requests = len(server.requests)
+        receipt = download.fetch([server.url + "big.zip"], tmp_path / "got.zip", verify=download.verify_zip,
+                                 log=lambda _: None)
+        assert len(server.requests) == n_requests          # not even a HEAD
+    assert receipt["source"] == "local copy" and receipt["transferred_bytes"] == 0
+    assert (tmp_path / "got.zip").stat().st_ino == inode
+
+
+def test_a_bad_local_file_is_kept_until_a_verified_one_replaces_it(www, tmp_path):
+    destination = tmp_path / "got.zip"
+    destination.write_bytes(b"not a zip")
+    with StandinServer(www) as server:
+        with pytest.raises(download.DownloadError):
+            download.fetch([server.url + "missing.zip"], destination, verify=download.verify_zip, retries=0,
+                           log=lambda _: None)
+        assert destination.read_bytes() == b"not a zip"   # nothing verified arrived: nothing replaced
+        download.fetch([server.url + "big.zip"], destination, verify=download.verify_zip, log=lambda _: None)
+    assert destination.read_bytes() == (www / "big.zip").read_bytes()
 
 
 def test_download_killed_half_way_resumes_byte_identical(www, tmp_path):
@@ -145,7 +174,7 @@ def test_extract_checks_every_tiff(tmp_path):
     target = tmp_path / "images" / plate
     assert moaflow(["extract-bbbc021", "--archive", str(archive), "--image-csv", str(csv), "--plate", plate,
                     "--output", str(target)]) == 0
-    assert sorted(p.name for p in target.iterdir()) == sorted(good)
+    assert sorted(p.name for p in target.iterdir()) == sorted([*good, download.EXTRACT_MANIFEST])
 
 
 def test_truncated_tiff_is_named_and_nothing_is_left(tmp_path, capsys):
@@ -198,3 +227,115 @@ def test_symlink_entries_are_refused(tmp_path):
         zf.writestr(info, "/etc/passwd")
     with pytest.raises(download.VerificationError, match="symbolic link"):
         download.extract_archive(archive, tmp_path / "out", member_root="Week1_22123", log=lambda _: None)
+
+
+# ----------------------------------------------------------------- metadata CSVs
+
+REAL_MOA = Path(__file__).resolve().parents[1] / "src" / "moaflow" / "data" / "BBBC021_v1_moa.csv"
+
+
+@pytest.fixture
+def csv_www(tmp_path):
+    root = tmp_path / "www"
+    for mirror in ("a", "b"):
+        (root / mirror).mkdir(parents=True)
+        shutil.copyfile(REAL_MOA, root / mirror / "BBBC021_v1_moa.csv")
+    return root
+
+
+@pytest.mark.parametrize("fault", ["html", "empty", "cut-no-length", "short-length"])
+def test_a_bad_csv_from_one_mirror_leads_to_the_next(csv_www, tmp_path, fault):
+    """Before: an error page, an empty or a truncated CSV was kept as a finished download.
+    After: it is refused (content, or the known size and checksum) and the next mirror serves the file."""
+    published = {"bytes": REAL_MOA.stat().st_size, "sha256": download.file_digest(REAL_MOA)}
+    with StandinServer(csv_www, faults={"/a/BBBC021_v1_moa.csv": fault}) as server:
+        receipt = download.fetch_published(
+            "BBBC021_v1_moa.csv", tmp_path / "moa.csv", base_urls=[server.url + "a/", server.url + "b/"],
+            settings={"retries": 0, "backoff_seconds": 0, "timeout_seconds": 10}, published=published,
+            kind="moa_csv", log=lambda _: None)
+    assert (tmp_path / "moa.csv").read_bytes() == REAL_MOA.read_bytes()
+    assert receipt["source"] == server.url + "b/BBBC021_v1_moa.csv"
+
+
+@pytest.mark.parametrize("fault, message", [("html", "missing column"), ("empty", "empty file"),
+                                            ("cut-no-length", "lack values|missing column|not a readable")])
+def test_a_bad_csv_is_refused_by_its_content_without_a_checksum(csv_www, tmp_path, fault, message):
+    with StandinServer(csv_www, faults={"/a/BBBC021_v1_moa.csv": fault}) as server:
+        with pytest.raises(download.DownloadError, match=message):
+            download.fetch_published("BBBC021_v1_moa.csv", tmp_path / "moa.csv", base_urls=[server.url + "a/"],
+                                     settings={"retries": 0, "backoff_seconds": 0, "timeout_seconds": 10},
+                                     published=None, kind="moa_csv", log=lambda _: None)
+    assert not (tmp_path / "moa.csv").exists() and not (tmp_path / "moa.csv.part").exists()
+
+
+def test_a_truncated_image_csv_is_caught_by_its_published_size(tmp_path):
+    """Cut at a row boundary, a CSV still parses: only the published size/checksum can tell."""
+    real = REFERENCE / "bbbc021" / "BBBC021_v1_image.csv"
+    lines = real.read_bytes().splitlines(keepends=True)
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "BBBC021_v1_image.csv").write_bytes(b"".join(lines[: len(lines) // 2]))
+    with StandinServer(tmp_path / "www") as server:
+        with pytest.raises(download.DownloadError, match="bytes, the published file has 3,669,969"):
+            download.fetch_published("BBBC021_v1_image.csv", tmp_path / "image.csv", base_urls=[server.url],
+                                     settings={"retries": 0, "backoff_seconds": 0, "timeout_seconds": 10},
+                                     published={"bytes": 3669969}, kind="image_csv", log=lambda _: None)
+
+
+# ----------------------------------------------------------------- extraction limits and swaps
+
+def test_a_zip_bomb_is_refused_before_anything_is_written(tmp_path):
+    """Before: a 6.7 MB zip holding a 5 GiB member wrote 5.4 GB before it was refused. After: the declared
+    sizes are checked against the limit first (scaled down here: 64 MB declared, 16 MB allowed)."""
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("Week1_22123/huge.tif", bytes(64 << 20))
+    assert archive.stat().st_size < 1 << 20
+    with pytest.raises(download.VerificationError, match=r"declare 0.06 GiB.*limit of 0.02 GiB.*max_extracted_gb"):
+        download.extract_archive(archive, tmp_path / "out", member_root="Week1_22123", max_bytes=16 << 20,
+                                 log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.zip"]
+
+
+def test_a_failed_extraction_keeps_the_previous_good_folder(tmp_path):
+    """Before: the plate folder was deleted before its rule reran, and a failing zip left nothing.
+    After: the new extraction is staged and checked; the good folder stays until a verified one replaces it."""
+    plate = "Week1_22123"
+    good = _plate_zip(tmp_path / "good.zip", plate, {f"B02_s1_w{c}.tif": _tiff_bytes() for c in (1, 2, 4)})
+    target = tmp_path / "images" / plate
+    download.extract_archive(good, target, member_root=plate, check_file=images.read_tiff,
+                             archive_sha256=download.file_digest(good), log=lambda _: None)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    files = {f"B02_s1_w{c}.tif": _tiff_bytes() for c in (1, 2, 4)}
+    files["B02_s1_w2.tif"] = files["B02_s1_w2.tif"][:300]
+    bad = _plate_zip(tmp_path / "bad.zip", plate, files)
+    with pytest.raises(download.VerificationError, match="B02_s1_w2.tif"):
+        download.extract_archive(bad, target, member_root=plate, check_file=images.read_tiff,
+                                 archive_sha256=download.file_digest(bad), log=lambda _: None)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in target.parent.iterdir()) == [plate]   # no staging or old folder left
+
+
+def test_the_same_archive_is_not_extracted_twice(tmp_path):
+    plate = "Week1_22123"
+    archive = _plate_zip(tmp_path / "good.zip", plate, {"B02_s1_w1.tif": _tiff_bytes()})
+    digest = download.file_digest(archive)
+    target = tmp_path / "images" / plate
+    first = download.extract_archive(archive, target, member_root=plate, archive_sha256=digest, log=lambda _: None)
+    mtime = (target / "B02_s1_w1.tif").stat().st_mtime_ns
+    second = download.extract_archive(archive, target, member_root=plate, archive_sha256=digest, log=lambda _: None)
+    assert not first["reused"] and second["reused"] and second["files"] == first["files"]
+    assert (target / "B02_s1_w1.tif").stat().st_mtime_ns == mtime
+    (target / "B02_s1_w1.tif").write_bytes(b"changed")      # a damaged folder is extracted anew
+    assert not download.extract_archive(archive, target, member_root=plate, archive_sha256=digest,
+                                        log=lambda _: None)["reused"]
+
+
+def test_an_interrupted_swap_is_repaired(tmp_path):
+    plate = "Week1_22123"
+    archive = _plate_zip(tmp_path / "good.zip", plate, {"B02_s1_w1.tif": _tiff_bytes()})
+    digest = download.file_digest(archive)
+    target = tmp_path / "images" / plate
+    download.extract_archive(archive, target, member_root=plate, archive_sha256=digest, log=lambda _: None)
+    os.replace(target, target.with_name(f".{plate}.old"))   # killed between the swap's two renames
+    assert download.extract_archive(archive, target, member_root=plate, archive_sha256=digest,
+                                    log=lambda _: None)["reused"]

@@ -1,14 +1,12 @@
 """Illumination correction on a stand-in whose illumination field is known."""
 
-import shutil
-
 import numpy as np
 import pandas as pd
 import pytest
 import tifffile
 
 from moaflow import download, illumination, standin
-from moaflow.download import VerificationError
+from moaflow.errors import VerificationError
 
 CHANNELS = ("DAPI", "Tubulin", "Actin")
 

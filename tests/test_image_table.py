@@ -1,7 +1,8 @@
 import pandas as pd
 import pytest
 
-from moaflow.image_table import MetadataError, bbbc014_image_table, bbbc021_image_table, write_table
+from moaflow.image_table import MetadataError, bbbc014_image_table, bbbc021_image_table
+from moaflow.io import write_table
 
 from .conftest import REFERENCE
 
@@ -96,4 +97,42 @@ def test_bbbc014_table(tmp_path):
 def test_write_table_is_atomic_and_roundtrips(tmp_path, real_table):
     write_table(real_table.head(10), tmp_path / "t.parquet")
     assert pd.read_parquet(tmp_path / "t.parquet").equals(real_table.head(10))
-    assert not (tmp_path / "t.parquet.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
+
+
+def test_duplicate_fields_are_refused(tmp_path):
+    """Before: duplicate rows in the image CSV became duplicate crops. After: an error naming plate/well/site."""
+    frame = pd.read_csv(IMAGE_CSV, nrows=20)
+    pd.concat([frame, frame.iloc[[3]]]).to_csv(tmp_path / "image.csv", index=False)
+    with pytest.raises(MetadataError, match=r"image.csv: 2 rows share their .*plate, well and site"):
+        bbbc021_image_table(tmp_path / "image.csv", MOA_CSV, "x")
+
+
+def test_duplicate_moa_keys_are_named(tmp_path):
+    """Before: pandas' "Merge keys are not unique". After: the file and the duplicate treatment."""
+    moa = pd.read_csv(MOA_CSV)
+    pd.concat([moa, moa.iloc[[0]].assign(moa="Kinase inhibitors")]).to_csv(tmp_path / "moa.csv", index=False)
+    with pytest.raises(MetadataError, match=r"moa.csv: 2 rows share their compound/_conc.*PP-2"):
+        bbbc021_image_table(IMAGE_CSV, tmp_path / "moa.csv", "x")
+
+
+def test_empty_csv_is_named(tmp_path):
+    """Before: "No columns to parse" with no file named."""
+    (tmp_path / "image.csv").write_text("")
+    with pytest.raises(MetadataError, match=r"image.csv: empty file"):
+        bbbc021_image_table(tmp_path / "image.csv", MOA_CSV, "x")
+
+
+def test_unannotated_and_taxol_fields_are_counted_in_the_log():
+    """The study drops fields without an MoA, and most taxol fields: said with a count, not in silence."""
+    lines = []
+    bbbc021_image_table(IMAGE_CSV, MOA_CSV, "x", log=lines.append)
+    unannotated = next(line for line in lines if "without an MoA" in line)
+    assert "fields of" in unannotated and "not used" in unannotated
+    images = pd.read_csv(IMAGE_CSV)
+    moa = pd.read_csv(MOA_CSV)
+    keys = set(zip(moa["compound"], moa["concentration"].round(6)))
+    expected = sum((c, round(float(x), 6)) not in keys
+                   for c, x in zip(images["Image_Metadata_Compound"], images["Image_Metadata_Concentration"]))
+    assert unannotated.split(": ", 1)[1].startswith(f"{expected} fields")
+    assert any("taxol fields" in line for line in lines)

@@ -1,15 +1,18 @@
 """The whole pipeline end to end: `moaflow demo` on a tiny stand-in, plus rerun behaviour."""
 
+import copy
 import json
+import re
 import socket
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 import yaml
 
 from moaflow import standin
+from moaflow.serve import StandinServer
 
 from .conftest import BIN, REPO, TINY_BBBC021, pipeline_config, run_snakemake
 
@@ -65,7 +68,8 @@ def test_mlflow_holds_the_parent_and_every_child_after_parallel_jobs(demo):
     n_jobs = len(pd.read_csv(config["training"]["bbbc021"]["folds_file"], sep="\t")) + 2
     assert len(runs["children"]) == n_jobs
     client = MlflowClient(f"sqlite:///{workdir}/results/mlflow/mlflow.db")
-    experiment = client.get_experiment_by_name("moaflow")
+    experiment = client.get_experiment_by_name(config["tracking"]["experiment"])
+    assert experiment is not None and not (workdir / "pwned").exists()   # the name stayed text
     found = client.search_runs([experiment.experiment_id])
     children = [r for r in found if r.data.tags.get("mlflow.parentRunId") == runs["parent_run_id"]]
     assert len(children) == n_jobs
@@ -113,3 +117,52 @@ def test_rerun_continues_where_it_stopped(tmp_path, server, standin_dir):
     assert len(zips) == len(set(zips)) == TINY_BBBC021["n_plates"]  # no plate fetched twice
     assert before <= set(after)
     assert (tmp_path / "results" / "bbbc021" / "images.parquet").is_file()
+
+
+def _data_files(results: Path) -> dict[str, tuple[int, int]]:
+    """Every downloaded or extracted data file (receipts aside) -> (inode, mtime)."""
+    return {str(p.relative_to(results)): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for folder in ("bbbc021/raw", "bbbc021/images", "bbbc014/raw", "bbbc014/images")
+            for p in (results / folder).rglob("*") if p.is_file() and not p.name.endswith(".verified.json")}
+
+
+def test_changing_download_settings_transfers_nothing_and_deletes_nothing(tmp_path, server, standin_dir):
+    """Before: a new retries/timeout/backoff/mirror list made Snakemake redo every download, deleting each
+    zip first. After: those settings are no params; even a forced rerun reuses the verified data."""
+    config = pipeline_config(server.url, standin_dir, tmp_path)
+    run_snakemake(tmp_path, config, "--until", "bbbc021_image_table", "bbbc014_image_table")
+    results = tmp_path / "results"
+    files = _data_files(results)
+    assert len(files) > 10
+    dead = StandinServer(standin_dir / "www")   # bound, then closed: connection refused
+    dead_url = dead.url
+    dead.server_close()
+    config["download"].update(retries=4, backoff_seconds=0.3, timeout_seconds=11)
+    config["bbbc021"]["base_urls"] = [dead_url + "BBBC021/", *config["bbbc021"]["base_urls"]]
+    config["bbbc014"]["base_urls"] = [dead_url + "BBBC014/", *config["bbbc014"]["base_urls"]]
+    n_requests = len(server.requests)
+    dry = run_snakemake(tmp_path, config, "-n", "--until", "bbbc021_image_table", "bbbc014_image_table")
+    assert re.search(r"^total\s+0$", dry.stdout, re.MULTILINE), dry.stdout[-3000:]   # no job to run
+    # Even forced (a new moaflow version changing a rule's code does this), nothing is fetched or lost.
+    run_snakemake(tmp_path, config, "--forcerun", "download_bbbc021_plate", "extract_bbbc021_plate",
+                  "--until", "bbbc021_image_table")
+    assert len(server.requests) == n_requests
+    assert _data_files(results) == files
+    log = (results / "logs" / "download" / "bbbc021_Week1_22123.log").read_text()
+    assert "already present and verified" in log and "nothing fetched" in log
+
+
+def test_config_values_never_reach_a_shell(tmp_path, server, standin_dir):
+    """Before: a base URL with ' passed the schema and $(...) in it ran. After: URLs are schema-checked and
+    reach no shell, and a free-text value (a regular expression) is quoted: its $(...) stays text."""
+    config = pipeline_config(server.url, standin_dir, tmp_path)
+    evil_url = copy.deepcopy(config)
+    evil_url["bbbc021"]["base_urls"] = [server.url + "BBBC021/'$(touch " + str(tmp_path / "pwned") + ")'"]
+    refused = run_snakemake(tmp_path, evil_url, "-n", check=False)
+    assert refused.returncode != 0 and "base_urls" in refused.stdout + refused.stderr
+    marker = tmp_path / "pwned2"
+    real = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["bbbc014"]["filename_regex"]
+    config["bbbc014"]["filename_regex"] = real + f"(?:'$(touch {marker})')?"   # still matches every file name
+    run_snakemake(tmp_path, config, "--until", "bbbc014_image_table")
+    assert not marker.exists() and not (tmp_path / "pwned").exists()
+    assert len(pd.read_parquet(tmp_path / "results" / "bbbc014" / "images.parquet")) == 96

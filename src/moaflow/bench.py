@@ -22,6 +22,7 @@ import pandas as pd
 import tifffile
 
 from moaflow import download, illumination, image_table, preprocess, standin
+from moaflow.study import BBBC021_CHANNELS
 
 SIZES = [224, 299, 256]
 
@@ -32,7 +33,7 @@ def _bare_read(paths: list[str]) -> None:
 
 
 def _illumination_pass(fields: pd.DataFrame) -> None:
-    for channel in preprocess.READ_ORDER:
+    for channel in BBBC021_CHANNELS:
         average = illumination.mean_image(fields[f"path_{channel.lower()}"])
         illumination.illumination_function(average, filter_size=24, downscale=4)
 
@@ -42,7 +43,7 @@ def _preprocess_pass(fields: pd.DataFrame) -> None:
 
 
 def _paths(fields: pd.DataFrame) -> list[str]:
-    return [p for c in preprocess.READ_ORDER for p in fields[f"path_{c.lower()}"]]
+    return [p for c in BBBC021_CHANNELS for p in fields[f"path_{c.lower()}"]]
 
 
 def _timed(job):

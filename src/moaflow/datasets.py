@@ -15,7 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from moaflow import preprocess
+from moaflow import crops
 
 #: stored channel order of the BBBC021 store -> what the network sees
 CHANNEL_ORDERS = {
@@ -126,8 +126,7 @@ def folder_dataset(root: str | os.PathLike, input_size: int, *, validation_fract
                     rgb = np.asarray(im.convert("RGB"))
             except Exception as exc:  # PIL raises several types for damaged files
                 raise ValueError(f"{path}: cannot read image ({exc})") from exc
-            resized = preprocess.resize_area(np.moveaxis(rgb, -1, 0), (input_size, input_size))
-            images.append(np.moveaxis(resized, 0, -1))
+            images.append(crops.resize_area(rgb, input_size))
             labels.append(label)
     labels = np.array(labels)
     rng = np.random.default_rng(seed)

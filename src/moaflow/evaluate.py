@@ -381,3 +381,20 @@ def deviations(config: dict) -> pd.DataFrame:
     }
     return pd.DataFrame([{"setting": k, "paper": v, "this run": this[k], "differs": v != this[k]}
                          for k, v in PAPER_SETTINGS.items()])
+
+
+def evaluate_dataset(dataset: str, models_dir, folds_path, architectures: list[str], inits: list[str], out_dir, *,
+                     seeds: list[int] = (0,), significances: list[float] = (0.05, 0.1, 0.2),
+                     settings: dict | None = None, log=None) -> dict:
+    """Evaluate a dataset's trained folds into ``out_dir`` (what the evaluate rule runs)."""
+    from moaflow import folds
+    from moaflow.logs import stderr
+
+    table = folds.read_folds(folds_path)
+    if dataset == "bbbc014":
+        summary = evaluate_bbbc014(models_dir, table, architectures, inits, out_dir, seeds=seeds)
+    else:
+        summary = evaluate_bbbc021(models_dir, table, architectures, inits, out_dir, significances, seeds=seeds)
+        deviations(settings or {}).to_csv(Path(out_dir) / "deviations.csv", index=False)
+    (log or stderr)(f"evaluation written to {out_dir}")
+    return summary

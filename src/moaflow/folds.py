@@ -28,6 +28,9 @@ import re
 import numpy as np
 import pandas as pd
 
+from moaflow.io import atomic_path
+from moaflow.logs import stderr
+
 FOLD_COLUMNS = ["fold", "group_column", "test_group", "validation_groups", "excluded_batches"]
 
 
@@ -129,9 +132,8 @@ def read_folds(path: str | os.PathLike) -> pd.DataFrame:
 
 def write_folds(folds: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write a folds file (TSV), atomically."""
-    tmp = f"{path}.tmp"
-    folds[FOLD_COLUMNS].to_csv(tmp, sep="\t", index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        folds[FOLD_COLUMNS].to_csv(tmp, sep="\t", index=False)
 
 
 def split(index: pd.DataFrame, fold: dict) -> dict[str, np.ndarray]:
@@ -171,3 +173,35 @@ def check_folds(folds: pd.DataFrame, index: pd.DataFrame) -> None:
         if unknown or fold["test_group"] in fold["validation_groups"].split(";"):
             raise ValueError(f"fold {fold['fold']}: validation groups {fold['validation_groups']!r} are not "
                              "training groups of this index")
+
+
+def write_dataset_folds(dataset: str, output: str | os.PathLike, *, index: str | os.PathLike | None = None,
+                        image_csv: str | os.PathLike | None = None, moa_csv: str | os.PathLike | None = None,
+                        validation_compounds: int = 0, seed: int = 0, variant: str = "nsc",
+                        log=stderr) -> pd.DataFrame:
+    """Write the folds of a dataset: leave one compound out (BBBC021, from the crop index or straight
+    from the Broad's metadata), or one cell line (BBBC014)."""
+    if dataset == "bbbc014":
+        table = leave_one_cell_line_out(pd.read_parquet(index))
+    else:
+        if image_csv:   # before anything is downloaded: the Broad's metadata is enough
+            from moaflow.image_table import bbbc021_image_table
+
+            frame = bbbc021_image_table(image_csv, moa_csv, "images", log=lambda _: None)
+        elif index:
+            frame = pd.read_parquet(index)
+        else:
+            raise ValueError("folds: give --index, or --image-csv with --moa-csv")
+        table = leave_one_compound_out(frame[frame["moa"] != "DMSO"], n_validation=validation_compounds,
+                                       seed=seed, variant=variant)
+    write_folds(table, output)
+    log(f"{len(table)} folds written to {output}")
+    return table
+
+
+def check_folds_file(folds_path: str | os.PathLike, index_path: str | os.PathLike,
+                     output: str | os.PathLike) -> None:
+    """`check_folds` of a folds file against a crop index, then copy it to ``output``."""
+    table = read_folds(folds_path)
+    check_folds(table, pd.read_parquet(index_path))
+    write_folds(table, output)

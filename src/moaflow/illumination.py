@@ -13,30 +13,19 @@ import os
 import time
 from collections.abc import Callable, Iterable
 
+from pathlib import Path
+
 import numpy as np
-import tifffile
+import pandas as pd
 from skimage.filters import median
 from skimage.morphology import disk
 from skimage.transform import downscale_local_mean, resize
 
-from moaflow.download import VerificationError
-
-
-def read_tiff(path: str | os.PathLike) -> np.ndarray:
-    """Read one single-channel TIFF, naming the file when it is damaged.
-
-    Raises
-    ------
-    VerificationError
-        When ``path`` is missing, truncated or not a 2-D image.
-    """
-    try:
-        image = tifffile.imread(path)
-    except Exception as exc:  # tifffile raises several types for damaged files
-        raise VerificationError(f"{path}: cannot read TIFF ({type(exc).__name__}: {exc})") from exc
-    if image.ndim != 2:
-        raise VerificationError(f"{path}: expected a single-channel image, got shape {image.shape}")
-    return image
+from moaflow.errors import MetadataError
+from moaflow.images import common_shape, read_tiff
+from moaflow.io import save_figure, write_array
+from moaflow.logs import stderr
+from moaflow.study import BBBC021_CHANNELS
 
 
 def mean_image(paths: Iterable[str | os.PathLike], log: Callable[[str], None] | None = None,
@@ -53,17 +42,13 @@ def mean_image(paths: Iterable[str | os.PathLike], log: Callable[[str], None] | 
     paths = list(paths)
     if not paths:
         raise ValueError(f"{label}: no images to average")
-    total = None
+    shape = common_shape(paths)   # from the headers: a field of another size is named before any decoding
+    # Integer counts sum exactly (and twice as fast) in uint32: 65,537 16-bit fields fit.
+    total = np.zeros(shape, np.uint32)
     start = time.monotonic()
     step = max(1, len(paths) // 10)
     for n, path in enumerate(paths, 1):
-        image = read_tiff(path)
-        if total is None:
-            # Integer counts sum exactly (and twice as fast) in uint32: 65,537 16-bit fields fit.
-            total = np.zeros(image.shape, np.uint32 if image.dtype.kind == "u" and image.itemsize <= 2 else np.float64)
-        elif image.shape != total.shape:
-            raise VerificationError(f"{path}: shape {image.shape} differs from the plate's {total.shape}")
-        np.add(total, image, out=total, casting="unsafe")
+        np.add(total, read_tiff(path, shape=shape), out=total, casting="unsafe")
         if log and (n % step == 0 or n == len(paths)):
             eta = (time.monotonic() - start) / n * (len(paths) - n)
             log(f"{label}: {n}/{len(paths)} images averaged, ETA {eta:.0f} s")
@@ -131,8 +116,28 @@ def plot_functions(functions: dict[str, np.ndarray], path: str | os.PathLike, ti
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=80)
+
+
+def plate_illumination(image_csv: str | os.PathLike, image_root: str | os.PathLike, plate: str,
+                       output_dir: str | os.PathLike, *, filter_size: float, downscale: int = 1,
+                       robust_percentile: float = 2.0, log=stderr) -> dict[str, np.ndarray]:
+    """Illumination functions of every channel of one plate, from all its fields (CellProfiler's "All").
+
+    Writes ``<output_dir>/<plate>_<channel>.npy`` per channel and the QC figure ``<plate>.png``.
+    """
+    frame = pd.read_csv(image_csv, low_memory=False)
+    rows = frame[frame["Image_Metadata_Plate_DAPI"] == plate]
+    if rows.empty:
+        raise MetadataError(f"{image_csv}: no fields for plate {plate!r}")
+    out = Path(output_dir)
+    functions = {}
+    for channel in BBBC021_CHANNELS:
+        paths = [Path(image_root) / plate / name for name in rows[f"Image_FileName_{channel}"]]
+        average = mean_image(paths, log=log, label=f"{plate} {channel}")
+        functions[channel] = illumination_function(average, filter_size, downscale, robust_percentile)
+    for channel, function in functions.items():
+        write_array(function, out / f"{plate}_{channel}.npy")
+    plot_functions(functions, out / f"{plate}.png", f"Illumination functions, {plate}")
+    return functions
 

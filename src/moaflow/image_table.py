@@ -14,8 +14,14 @@ import os
 import re
 from pathlib import Path
 
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
+
+from moaflow.errors import MetadataError
+from moaflow.logs import stderr
+from moaflow.study import BBBC021_CHANNELS
 
 BBBC021_REQUIRED_COLUMNS = [
     "Image_FileName_DAPI", "Image_FileName_Tubulin", "Image_FileName_Actin",
@@ -26,23 +32,29 @@ MOA_REQUIRED_COLUMNS = ["compound", "concentration", "moa"]
 TAXOL_WEEK = "Week1"
 TAXOL_WELL_TAG = "D0"
 TAXOL_CONCENTRATIONS = (0.3, 1.0, 3.0)
-CHANNELS = ("DAPI", "Tubulin", "Actin")
 _SITE = re.compile(r"_s(\d+)_w\d")
 
 
-class MetadataError(ValueError):
-    """A metadata file lacks what the pipeline needs."""
-
-
-def _read_csv(path, required: list[str]) -> pd.DataFrame:
+def _read_csv(path, required: list[str], sep: str = ",") -> pd.DataFrame:
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, sep=sep, low_memory=False)
+    except pd.errors.EmptyDataError:
+        raise MetadataError(f"{path}: empty file; expected a table with columns {required}") from None
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise MetadataError(f"{path}: cannot be read as CSV ({exc})") from exc
+        raise MetadataError(f"{path}: cannot be read as a table ({exc})") from exc
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise MetadataError(f"{path}: missing column(s) {missing}; expected at least {required}")
     return frame
+
+
+def _duplicates(frame: pd.DataFrame, keys: list[str], path, what: str) -> None:
+    """Refuse a table in which ``keys`` do not identify rows uniquely, naming the first duplicates."""
+    repeated = frame[frame.duplicated(keys, keep=False)]
+    if len(repeated):
+        shown = repeated[keys].drop_duplicates().head(3).to_dict("records")
+        raise MetadataError(f"{path}: {len(repeated)} rows share their {'/'.join(keys)} ({what}), e.g. {shown}; "
+                            "each must occur once")
 
 
 def _concentration_key(values: pd.Series) -> pd.Series:
@@ -62,7 +74,7 @@ def plate_file_names(image_csv: str | os.PathLike, plate: str) -> list[str]:
     rows = frame[frame["Image_Metadata_Plate_DAPI"] == plate]
     if rows.empty:
         raise MetadataError(f"{image_csv}: no fields for plate {plate!r}")
-    return sorted(pd.concat([rows[f"Image_FileName_{c}"] for c in CHANNELS]).tolist())
+    return sorted(pd.concat([rows[f"Image_FileName_{c}"] for c in BBBC021_CHANNELS]).tolist())
 
 
 def bbbc021_image_table(
@@ -71,6 +83,7 @@ def bbbc021_image_table(
     image_root: str | os.PathLike,
     plates: list[str] | None = None,
     taxol_rule: bool = True,
+    log: Callable[[str], None] = stderr,
 ) -> pd.DataFrame:
     """Build the BBBC021 field table used by the study.
 
@@ -85,6 +98,8 @@ def bbbc021_image_table(
         Keep only these plates (all when None). Each must occur in ``image_csv``.
     taxol_rule : bool
         Apply the study's taxol selection (Week1, ``D0`` wells, 0.3/1/3).
+    log : callable
+        Receives the counts of fields the study's selection drops.
 
     Returns
     -------
@@ -107,24 +122,39 @@ def bbbc021_image_table(
         images = images[images["Image_Metadata_Plate_DAPI"].isin(plates)]
     images = images.assign(_conc=_concentration_key(images["Image_Metadata_Concentration"]))
     moa = moa.assign(_conc=_concentration_key(moa["concentration"]))[["compound", "_conc", "moa"]]
+    _duplicates(moa, ["compound", "_conc"], moa_csv, "compound and concentration")
+    sites = images["Image_FileName_DAPI"].str.extract(_SITE, expand=False)
+    if sites.isna().any():
+        bad = images.loc[sites.isna(), "Image_FileName_DAPI"].iloc[0]
+        raise MetadataError(f"{image_csv}: file name {bad!r} has no site (expected '..._s<N>_w<N>...')")
+    _duplicates(images.assign(site=sites), ["Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI", "site"],
+                image_csv, "plate, well and site")
     merged = images.merge(moa, how="left", left_on=["Image_Metadata_Compound", "_conc"],
                           right_on=["compound", "_conc"], validate="many_to_one")
     compound = merged["Image_Metadata_Compound"]
     plate = merged["Image_Metadata_Plate_DAPI"]
     well = merged["Image_Metadata_Well_DAPI"]
     is_dmso = compound.eq("DMSO")
-    keep = merged["moa"].notna() | is_dmso
+    annotated = merged["moa"].notna() | is_dmso
+    unannotated = merged.loc[~annotated, ["Image_Metadata_Compound", "_conc"]]
+    if len(unannotated):
+        pairs = unannotated.drop_duplicates()
+        log(f"{image_csv}: {len(unannotated)} fields of {len(pairs)} compound/concentration pairs without an MoA "
+            f"in {Path(moa_csv).name} are not used (as in the study), e.g. "
+            f"{list(pairs.head(3).itertuples(index=False, name=None))}")
+    keep = annotated
     if taxol_rule:
         taxol = compound.eq("taxol")
         taxol_ok = (plate.str.split("_").str[0].eq(TAXOL_WEEK) & well.str.contains(TAXOL_WELL_TAG)
                     & merged["_conc"].isin(TAXOL_CONCENTRATIONS))
+        dropped = int((keep & taxol & ~taxol_ok).sum())
+        if dropped:
+            log(f"{image_csv}: {dropped} taxol fields outside Week1 D0 wells at 0.3/1/3 are not used (the study's "
+                "taxol rule; bbbc021.taxol_rule)")
         keep &= ~taxol | taxol_ok
     merged = merged[keep]
     is_dmso = is_dmso[keep]
     sites = merged["Image_FileName_DAPI"].str.extract(_SITE, expand=False)
-    if sites.isna().any():
-        bad = merged.loc[sites.isna(), "Image_FileName_DAPI"].iloc[0]
-        raise MetadataError(f"{image_csv}: file name {bad!r} has no site (expected '..._s<N>_w<N>...')")
     root = Path(image_root)
     folder = merged["Image_PathName_DAPI"].str.split("/").str[-1]  # "<Week>/<Plate>" -> "<Plate>"
     table = pd.DataFrame({
@@ -140,7 +170,7 @@ def bbbc021_image_table(
         "image_number": merged["ImageNumber"].to_numpy() if "ImageNumber" in merged else np.arange(len(merged)),
     })
     table["treatment"] = table["compound"] + "_" + table["concentration"].map("{:g}".format)
-    for channel in CHANNELS:
+    for channel in BBBC021_CHANNELS:
         table[f"path_{channel.lower()}"] = [
             str(root / f / n) for f, n in zip(folder, merged[f"Image_FileName_{channel}"])]
     return table.sort_values(["plate", "well", "site"], kind="stable").reset_index(drop=True)
@@ -204,13 +234,28 @@ def bbbc014_image_table(
     return pd.DataFrame.from_records(records)
 
 
-def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write ``table`` as parquet (or CSV for ``.csv``), atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".csv":
-        table.to_csv(tmp, index=False)
-    else:
-        table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+def write_bbbc021_table(image_csv, moa_csv, image_root, output, *, plates=None, taxol_rule: bool = True,
+                        log: Callable[[str], None] = stderr) -> pd.DataFrame:
+    """`bbbc021_image_table`, its counts logged, written to ``output``."""
+    from moaflow.io import write_table
+
+    table = bbbc021_image_table(image_csv, moa_csv, image_root, plates=plates, taxol_rule=taxol_rule, log=log)
+    annotated = table[~table["is_dmso"]]
+    log(f"{len(annotated)} annotated fields, {annotated['compound'].nunique()} compounds, "
+        f"{annotated['treatment'].nunique()} treatments, {annotated['moa'].nunique()} MoAs, "
+        f"{int(table['is_dmso'].sum())} DMSO fields")
+    write_table(table, output)
+    return table
+
+
+def write_bbbc014_table(image_root, output, *, settings: dict, log: Callable[[str], None] = stderr) -> pd.DataFrame:
+    """`bbbc014_image_table` from the config's ``bbbc014`` settings, written to ``output``."""
+    from moaflow.io import write_table
+
+    table = bbbc014_image_table(image_root, filename_regex=settings["filename_regex"],
+                                dapi_channel=settings["dapi_channel"], cell_lines=settings["cell_lines"],
+                                positive_columns=settings["positive_columns"],
+                                negative_columns=settings["negative_columns"])
+    log(f"{len(table)} wells, {int((table['label'] >= 0).sum())} labelled")
+    write_table(table, output)
+    return table

@@ -3,12 +3,14 @@
 It serves a folder (the stand-in's ``www/``) with ``Content-Length``,
 single-range ``Range`` requests (``206 Partial Content``) and ``HEAD``, so the
 real download code is exercised unchanged. Switches reproduce the awkward
-servers a user meets: one that ignores ``Range`` and one that is slow (so a
-test can kill a client half-way). It binds to 127.0.0.1 only.
+servers a user meets: one that ignores ``Range``, one that is slow (so a
+test can kill a client half-way), and per-file faults (`FAULTS`). It binds to
+127.0.0.1 only.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import threading
@@ -19,6 +21,10 @@ from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+#: Per-file faults a test can ask for: an HTML error page served with status 200, an empty body,
+#: a body cut at 60 % with no Content-Length, or a Content-Length shorter than the body.
+FAULTS = ("html", "empty", "cut-no-length", "short-length")
+_ERROR_PAGE = b"<!DOCTYPE html><html><body><h1>Service temporarily unavailable</h1></body></html>\n"
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -36,6 +42,9 @@ class _Handler(SimpleHTTPRequestHandler):
         if not path.is_file():
             self.send_error(HTTPStatus.NOT_FOUND, "File not found")
             return None
+        fault = self.server.faults.get(self.path)
+        if fault is not None:
+            return self._faulty(path, fault)
         size = path.stat().st_size
         start, end = 0, size - 1
         status = HTTPStatus.OK
@@ -65,6 +74,20 @@ class _Handler(SimpleHTTPRequestHandler):
         handle.seek(start)
         self._remaining = end - start + 1
         return handle
+
+    def _faulty(self, path: Path, fault: str):
+        data = path.read_bytes()
+        body = {"html": _ERROR_PAGE, "empty": b"", "cut-no-length": data[: int(len(data) * 0.6)],
+                "short-length": data}[fault]
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/html" if fault == "html" else "application/octet-stream")
+        if fault != "cut-no-length":
+            length = int(len(data) * 0.6) if fault == "short-length" else len(body)
+            self.send_header("Content-Length", str(length))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self._remaining = len(body)
+        return io.BytesIO(body)
 
     def copyfile(self, source, outputfile):
         remaining = self._remaining
@@ -96,15 +119,22 @@ class StandinServer(ThreadingHTTPServer):
         without range support.
     rate : int, optional
         Throttle each response to about this many bytes per second.
+    faults : dict, optional
+        URL path (``"/BBBC021/x.csv"``) -> one of `FAULTS`.
     """
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, root, port: int = 0, *, ignore_range: bool = False, rate: int | None = None):
+    def __init__(self, root, port: int = 0, *, ignore_range: bool = False, rate: int | None = None,
+                 faults: dict[str, str] | None = None):
         self.root = os.fspath(root)
         self.ignore_range = ignore_range
         self.rate = rate
+        self.faults = dict(faults or {})
+        unknown = sorted(set(self.faults.values()) - set(FAULTS))
+        if unknown:
+            raise ValueError(f"faults {unknown}: expected some of {FAULTS}")
         self.requests: list[tuple[str, str, str | None]] = []
 
         def handler(*args, **kwargs):
@@ -139,3 +169,15 @@ class StandinServer(ThreadingHTTPServer):
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def serve(root, port: int = 8021, *, ignore_range: bool = False, rate: int | None = None) -> None:
+    """Serve ``root`` on 127.0.0.1 until interrupted (``moaflow serve``)."""
+    server = StandinServer(root, port, ignore_range=ignore_range, rate=rate)
+    print(f"serving {root} at {server.url} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

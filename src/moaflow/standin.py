@@ -28,22 +28,10 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from moaflow.study import BBBC021_PLATES_BY_WEEK
+
 #: Bumped whenever the generated data changes for the same settings (the demo regenerates).
 GENERATOR_VERSION = 3
-
-#: Real BBBC021 plates, per week (batch), as published by the Broad.
-BBBC021_PLATES = {
-    "Week1": ["22123", "22141", "22161", "22361", "22381", "22401"],
-    "Week2": ["24121", "24141", "24161", "24361", "24381", "24401"],
-    "Week3": ["25421", "25441", "25461", "25681", "25701", "25721"],
-    "Week4": ["27481", "27521", "27542", "27801", "27821", "27861"],
-    "Week5": ["28901", "28921", "28961", "29301", "29321", "29341"],
-    "Week6": ["31641", "31661", "31681", "32061", "32121", "32161"],
-    "Week7": ["34341", "34381", "34641", "34661", "34681"],
-    "Week8": ["38203", "38221", "38241", "38341", "38342"],
-    "Week9": ["39206", "39221", "39222", "39282", "39283", "39301"],
-    "Week10": ["40111", "40115", "40119"],
-}
 
 #: Columns of the Broad's ``BBBC021_v1_image.csv``, in their order.
 BBBC021_IMAGE_COLUMNS = [
@@ -342,7 +330,7 @@ def write_bbbc021(
     height, width = shape
     if height <= 0 or width <= 0 or abs(width / height - 1.25) > 0.02:
         raise ValueError(f"shape={shape!r}: expected positive (rows, columns) with the real 4:5 aspect, e.g. (1024, 1280)")
-    weeks = list(BBBC021_PLATES)
+    weeks = list(BBBC021_PLATES_BY_WEEK)
     if not 1 <= n_plates <= len(weeks):
         raise ValueError(f"n_plates={n_plates}: expected 1..{len(weeks)} (one plate per week)")
     treatments = select_treatments(moas, compounds_per_moa, concentrations_per_compound)
@@ -368,7 +356,7 @@ def write_bbbc021(
     plates = []
     for p in range(n_plates):
         week = weeks[p]
-        plate = f"{week}_{BBBC021_PLATES[week][0]}"
+        plate = f"{week}_{BBBC021_PLATES_BY_WEEK[week][0]}"
         plates.append(plate)
         plate_rng = np.random.default_rng([seed, p])
         illum = {ch: illumination_field(shape, plate_rng) for ch in BBBC021_CHANNEL_SUFFIX}

@@ -11,7 +11,6 @@ parent with the current results. ``MLFLOW_TRACKING_URI`` switches to a server.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -23,11 +22,6 @@ import pandas as pd
 DEFAULT_URI = "sqlite:///results/mlflow/mlflow.db"
 #: Artifact root for experiments created in a local store (a server chooses its own).
 LOCAL_ARTIFACTS = "results/mlflow/artifacts"
-
-
-def config_hash(config: dict) -> str:
-    """Short, stable digest of the configuration (tags every run)."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def git_commit(directory: str | os.PathLike = ".") -> str:
@@ -79,7 +73,7 @@ def log_study(
         Folders holding a finished job's ``run.json`` and ``history.tsv``
         (and ``model.keras``).
     tracking_uri : str, optional
-        Defaults to ``$MLFLOW_TRACKING_URI``, else `DEFAULT_URI`.
+        The config's store; ``$MLFLOW_TRACKING_URI`` wins when set, `DEFAULT_URI` when neither is.
     tags : dict
         Tags for every run (git commit, config hash).
     parent_params, parent_metrics, parent_artifacts
@@ -91,10 +85,11 @@ def log_study(
         ``{"tracking_uri", "experiment_id", "parent_run_id", "children": {folder: run_id}}``
     """
     import mlflow
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    # A tracking server named in the environment wins over the config's store.
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or DEFAULT_URI
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
@@ -149,3 +144,16 @@ def log_study(
         client.log_artifact(parent_id, str(artifact))
     client.set_terminated(parent_id)
     return {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_id, "children": children}
+
+
+def track(run_dirs, output, *, tracking_uri: str | None = None, experiment: str = "moaflow", config_hash: str = "",
+          summaries=(), artifacts=(), log_models: bool = True, log=print) -> dict:
+    """Log the study (`log_study`) with the evaluation summaries as the parent's metrics; write ``output``."""
+    from moaflow.io import write_json
+
+    metrics = flatten_metrics({Path(p).parent.parent.name: json.loads(Path(p).read_text()) for p in summaries})
+    runs = log_study(run_dirs, tracking_uri=tracking_uri, experiment=experiment,
+                     tags={"git_commit": git_commit(), "config_hash": config_hash}, parent_metrics=metrics,
+                     parent_artifacts=artifacts, log_models=log_models, log=log)
+    write_json(runs, output)
+    return runs

@@ -1,9 +1,10 @@
 import csv
 import hashlib
 import json
-import posixpath
 
 from snakemake.utils import min_version, validate
+
+from moaflow.study import BBBC021_CHANNELS, resolve_plates
 
 min_version("9.0")
 
@@ -13,21 +14,24 @@ validate(config, schema="../schemas/config.schema.yaml")
 DATASETS = config["datasets"]
 # Tags every MLflow run: which configuration produced it.
 CONFIG_HASH = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
-BBBC021_PLATES = config["bbbc021"]["plates"] if "bbbc021" in DATASETS else []
+BBBC021_PLATES = resolve_plates(config["bbbc021"]["plates"]) if "bbbc021" in DATASETS else []
+BBBC021_IMAGE_CSV = f"results/bbbc021/raw/{config['bbbc021']['image_csv']}"
+BBBC021_MOA_CSV = f"results/bbbc021/raw/{config['bbbc021']['moa_csv']}"
+# The bbbc014 settings that decide the well table (mirrors and file names do not).
+BBBC014_TABLE_KEYS = ["filename_regex", "dapi_channel", "cell_lines", "positive_columns", "negative_columns"]
 
 wildcard_constraints:
     plate=r"Week[0-9]+_[0-9]+",
 
 
-def mirror_urls(dataset, filename):
-    """Shell arguments `--url U1 --url U2 ...` for one file at every configured mirror."""
-    urls = (posixpath.join(base, filename) for base in config[dataset]["base_urls"])
-    return " ".join(f"--url '{url}'" for url in urls)
+def verified(path):
+    """The receipt a download or extraction step writes beside its data (its declared output)."""
+    return f"{path}.verified.json"
 
 
-def download_args():
-    d = config["download"]
-    return f"--retries {d['retries']} --backoff {d['backoff_seconds']} --timeout {d['timeout_seconds']}"
+def data_of(receipt):
+    """The data a receipt describes: `verified`'s inverse."""
+    return str(receipt).removesuffix(".verified.json")
 
 
 TRAIN = config["training"]

@@ -1,36 +1,49 @@
-# One job per published file: resumable (.part + HTTP Range), mirrors in order,
-# verified, renamed into place only when complete.
+# One job per published file, then one per archive to extract. Each job's declared output is a receipt
+# (`<data>.verified.json`: size, SHA-256, source, checks) written beside the data it describes. The data
+# itself is not a declared output, so Snakemake never deletes a good download or extraction before a
+# rerun; the scripts reuse what still verifies and replace only with verified data. Downloads run on
+# the submit host (localrules): cluster compute nodes often have no internet.
+
+localrules:
+    download_bbbc021_metadata,
+    download_bbbc021_plate,
+    download_bbbc014_file,
 
 
 rule download_bbbc021_metadata:
     output:
-        "results/bbbc021/raw/{filename}",
+        "results/bbbc021/raw/{filename}.verified.json",
     wildcard_constraints:
         filename=r"BBBC021_v1_[a-z]+\.csv",
     params:
-        urls=lambda wc: mirror_urls("bbbc021", wc.filename),
-        options=download_args(),
+        section="bbbc021",
+        filename="{filename}",
+        data=lambda wc, output: data_of(output[0]),
+        kind=lambda wc: {
+            config["bbbc021"]["image_csv"]: "image_csv",
+            config["bbbc021"]["moa_csv"]: "moa_csv",
+        }.get(wc.filename, "text"),
     log:
         "results/logs/download/bbbc021_{filename}.log",
     resources:
         downloads=1,
-        mem_mb=256,
+        mem_mb=1000,
         runtime=30,
     threads: 1
     conda:
         "../../envs/moaflow.yaml"
-    shell:
-        "moaflow fetch {params.urls} --output {output} {params.options} 2> {log}"
+    script:
+        "../scripts/fetch.py"
 
 
 rule download_bbbc021_plate:
     output:
-        "results/bbbc021/raw/BBBC021_v1_images_{plate}.zip",
+        "results/bbbc021/raw/BBBC021_v1_images_{plate}.zip.verified.json",
     params:
-        urls=lambda wc: mirror_urls(
-            "bbbc021", config["bbbc021"]["archive_pattern"].format(plate=wc.plate)
-        ),
-        options=download_args(),
+        section="bbbc021",
+        filename=lambda wc: config["bbbc021"]["archive_pattern"].format(plate=wc.plate),
+        data=lambda wc, output: data_of(output[0]),
+        kind="zip",
     log:
         "results/logs/download/bbbc021_{plate}.log",
     resources:
@@ -40,16 +53,22 @@ rule download_bbbc021_plate:
     threads: 1
     conda:
         "../../envs/moaflow.yaml"
-    shell:
-        "moaflow fetch {params.urls} --kind zip --output {output} {params.options} 2> {log}"
+    script:
+        "../scripts/fetch.py"
 
 
 rule extract_bbbc021_plate:
     input:
-        archive="results/bbbc021/raw/BBBC021_v1_images_{plate}.zip",
-        image_csv=f"results/bbbc021/raw/{config['bbbc021']['image_csv']}",
+        archive="results/bbbc021/raw/BBBC021_v1_images_{plate}.zip.verified.json",
+        image_csv=f"results/bbbc021/raw/{config['bbbc021']['image_csv']}.verified.json",
     output:
-        directory("results/bbbc021/images/{plate}"),
+        "results/bbbc021/images/{plate}.verified.json",
+    params:
+        dataset="bbbc021",
+        archive=lambda wc, input: data_of(input.archive),
+        image_csv=lambda wc, input: data_of(input.image_csv),
+        member_root="{plate}",
+        target=lambda wc, output: data_of(output[0]),
     log:
         "results/logs/extract/bbbc021_{plate}.log",
     resources:
@@ -58,20 +77,20 @@ rule extract_bbbc021_plate:
     threads: 1
     conda:
         "../../envs/moaflow.yaml"
-    shell:
-        "moaflow extract-bbbc021 --archive {input.archive} --image-csv {input.image_csv}"
-        " --plate {wildcards.plate} --output {output} 2> {log}"
+    script:
+        "../scripts/extract.py"
 
 
 rule download_bbbc014_file:
     output:
-        "results/bbbc014/raw/{filename}",
+        "results/bbbc014/raw/{filename}.verified.json",
     wildcard_constraints:
         filename=r"BBBC014_v1_[A-Za-z_]+\.(zip|txt)",
     params:
-        urls=lambda wc: mirror_urls("bbbc014", wc.filename),
-        kind=lambda wc: "zip" if wc.filename.endswith(".zip") else "file",
-        options=download_args(),
+        section="bbbc014",
+        filename="{filename}",
+        data=lambda wc, output: data_of(output[0]),
+        kind=lambda wc: "zip" if wc.filename.endswith(".zip") else "text",
     log:
         "results/logs/download/bbbc014_{filename}.log",
     resources:
@@ -81,19 +100,22 @@ rule download_bbbc014_file:
     threads: 1
     conda:
         "../../envs/moaflow.yaml"
-    shell:
-        "moaflow fetch {params.urls} --kind {params.kind} --output {output} {params.options} 2> {log}"
+    script:
+        "../scripts/fetch.py"
 
 
 rule extract_bbbc014:
     input:
-        archive=f"results/bbbc014/raw/{config['bbbc014']['archive']}",
-        platemap=f"results/bbbc014/raw/{config['bbbc014']['platemap']}",
+        archive=f"results/bbbc014/raw/{config['bbbc014']['archive']}.verified.json",
+        platemap=f"results/bbbc014/raw/{config['bbbc014']['platemap']}.verified.json",
     output:
-        directory("results/bbbc014/images"),
+        "results/bbbc014/images.verified.json",
     params:
+        dataset="bbbc014",
+        archive=lambda wc, input: data_of(input.archive),
         member_root=config["bbbc014"]["archive_folder"],
-        expected=config["bbbc014"]["expected_images"],
+        expected_count=config["bbbc014"]["expected_images"],
+        target=lambda wc, output: data_of(output[0]),
     log:
         "results/logs/extract/bbbc014.log",
     resources:
@@ -102,6 +124,5 @@ rule extract_bbbc014:
     threads: 1
     conda:
         "../../envs/moaflow.yaml"
-    shell:
-        "moaflow extract-bbbc014 --archive {input.archive} --member-root {params.member_root}"
-        " --expected-images {params.expected} --output {output} 2> {log}"
+    script:
+        "../scripts/extract.py"

@@ -7,6 +7,7 @@ rule evaluate_bbbc021:
         folds="results/bbbc021/folds.tsv",
     output:
         summary="results/bbbc021/evaluation/summary.json",
+        settings="results/bbbc021/evaluation/settings.json",
         accuracy=report(
             "results/bbbc021/evaluation/accuracy.csv",
             caption="../report/accuracy.rst",
@@ -59,12 +60,12 @@ rule evaluate_bbbc021:
             category="Uncertainty",
         ),
     params:
-        architectures=" ".join(trained_architectures("bbbc021")),
-        inits=" ".join(INITS),
-        seeds=" ".join(map(str, TRAIN["seeds"])),
-        significance=" ".join(map(str, config["evaluation"]["significance_levels"])),
+        architectures=trained_architectures("bbbc021"),
+        inits=list(INITS),
+        seeds=TRAIN["seeds"],
+        significance=config["evaluation"]["significance_levels"],
         # only what the deviations table reads: other settings must not retrigger evaluation
-        config_json=lambda wc: json.dumps(deviation_settings(), default=str),
+        settings=lambda wc: json.dumps(deviation_settings(), default=str),
     log:
         "results/logs/evaluation/bbbc021.log",
     resources:
@@ -74,11 +75,11 @@ rule evaluate_bbbc021:
     conda:
         "../../envs/moaflow.yaml"
     shell:
-        "printf '%s' {params.config_json:q} > results/bbbc021/evaluation/.config.json 2> {log};"
-        " moaflow evaluate bbbc021 --models-dir results/bbbc021/models --folds {input.folds}"
-        " --architectures {params.architectures} --inits {params.inits} --seeds {params.seeds}"
-        " --significance {params.significance} --config-json results/bbbc021/evaluation/.config.json"
-        " --out-dir results/bbbc021/evaluation 2>> {log}"
+        "printf '%s' {params.settings:q} > {output.settings:q} 2> {log:q};"
+        " moaflow evaluate bbbc021 --models-dir results/bbbc021/models --folds {input.folds:q}"
+        " --architectures {params.architectures:q} --inits {params.inits:q} --seeds {params.seeds:q}"
+        " --significance {params.significance:q} --settings {output.settings:q}"
+        " --out-dir results/bbbc021/evaluation 2>> {log:q}"
 
 
 rule evaluate_bbbc014:
@@ -94,9 +95,9 @@ rule evaluate_bbbc014:
             subcategory="BBBC014",
         ),
     params:
-        architectures=" ".join(trained_architectures("bbbc014")),
-        inits=" ".join(INITS),
-        seeds=" ".join(map(str, TRAIN["seeds"])),
+        architectures=trained_architectures("bbbc014"),
+        inits=list(INITS),
+        seeds=TRAIN["seeds"],
     log:
         "results/logs/evaluation/bbbc014.log",
     resources:
@@ -106,6 +107,6 @@ rule evaluate_bbbc014:
     conda:
         "../../envs/moaflow.yaml"
     shell:
-        "moaflow evaluate bbbc014 --models-dir results/bbbc014/models --folds {input.folds}"
-        " --architectures {params.architectures} --inits {params.inits} --seeds {params.seeds}"
-        " --out-dir results/bbbc014/evaluation 2> {log}"
+        "moaflow evaluate bbbc014 --models-dir results/bbbc014/models --folds {input.folds:q}"
+        " --architectures {params.architectures:q} --inits {params.inits:q} --seeds {params.seeds:q}"
+        " --out-dir results/bbbc014/evaluation 2> {log:q}"

@@ -3,13 +3,15 @@
 
 rule bbbc021_image_table:
     input:
-        image_csv=f"results/bbbc021/raw/{config['bbbc021']['image_csv']}",
-        moa_csv=f"results/bbbc021/raw/{config['bbbc021']['moa_csv']}",
-        plates=expand("results/bbbc021/images/{plate}", plate=BBBC021_PLATES),
+        image_csv=verified(BBBC021_IMAGE_CSV),
+        moa_csv=verified(BBBC021_MOA_CSV),
+        plates=expand(verified("results/bbbc021/images/{plate}"), plate=BBBC021_PLATES),
     output:
         "results/bbbc021/images.parquet",
     params:
-        plates=" ".join(BBBC021_PLATES),
+        image_csv=lambda wc, input: data_of(input.image_csv),
+        moa_csv=lambda wc, input: data_of(input.moa_csv),
+        plates=BBBC021_PLATES,
         taxol="" if config["bbbc021"]["taxol_rule"] else "--no-taxol-rule",
     log:
         "results/logs/image_table/bbbc021.log",
@@ -20,18 +22,21 @@ rule bbbc021_image_table:
     conda:
         "../../envs/moaflow.yaml"
     shell:
-        "moaflow table bbbc021 --image-csv {input.image_csv} --moa-csv {input.moa_csv}"
-        " --image-root results/bbbc021/images --plates {params.plates} {params.taxol}"
-        " --output {output} 2> {log}"
+        "moaflow table bbbc021 --image-csv {params.image_csv:q} --moa-csv {params.moa_csv:q}"
+        " --image-root results/bbbc021/images --plates {params.plates:q} {params.taxol}"
+        " --output {output:q} 2> {log:q}"
 
 
 rule bbbc014_image_table:
     input:
-        "results/bbbc014/images",
+        verified("results/bbbc014/images"),
     output:
         "results/bbbc014/images.parquet",
     params:
-        settings=json.dumps(config["bbbc014"]),
+        # only what decides the table's content: a new mirror must not redo it
+        settings=json.dumps(
+            {k: config["bbbc014"][k] for k in BBBC014_TABLE_KEYS}, sort_keys=True
+        ),
     log:
         "results/logs/image_table/bbbc014.log",
     resources:
@@ -41,5 +46,5 @@ rule bbbc014_image_table:
     conda:
         "../../envs/moaflow.yaml"
     shell:
-        "moaflow table bbbc014 --image-root {input} --settings {params.settings:q}"
-        " --output {output} 2> {log}"
+        "moaflow table bbbc014 --image-root results/bbbc014/images --settings {params.settings:q}"
+        " --output {output:q} 2> {log:q}"

@@ -4,16 +4,16 @@
 PRE021 = config["preprocess"]["bbbc021"]
 PRE014 = config["preprocess"]["bbbc014"]
 ILLUMINATION = PRE021["illumination"]
-CHANNELS = ["DAPI", "Tubulin", "Actin"]
 
 
 rule illumination_bbbc021:
     input:
-        plate="results/bbbc021/images/{plate}",
-        image_csv=f"results/bbbc021/raw/{config['bbbc021']['image_csv']}",
+        plate=verified("results/bbbc021/images/{plate}"),
+        image_csv=verified(BBBC021_IMAGE_CSV),
     output:
         functions=expand(
-            "results/bbbc021/illumination/{{plate}}_{channel}.npy", channel=CHANNELS
+            "results/bbbc021/illumination/{{plate}}_{channel}.npy",
+            channel=BBBC021_CHANNELS,
         ),
         figure=report(
             "results/bbbc021/illumination/{plate}.png",
@@ -23,10 +23,10 @@ rule illumination_bbbc021:
             labels={"plate": "{plate}"},
         ),
     params:
-        options=(
-            f"--filter-size {ILLUMINATION['filter_size']} --downscale {ILLUMINATION['downscale']}"
-            f" --robust-percentile {ILLUMINATION['robust_percentile']}"
-        ),
+        image_csv=lambda wc, input: data_of(input.image_csv),
+        filter_size=ILLUMINATION["filter_size"],
+        downscale=ILLUMINATION["downscale"],
+        robust_percentile=ILLUMINATION["robust_percentile"],
     log:
         "results/logs/illumination/{plate}.log",
     resources:
@@ -36,19 +36,22 @@ rule illumination_bbbc021:
     conda:
         "../../envs/moaflow.yaml"
     shell:
-        "moaflow --threads {threads} illumination --image-csv {input.image_csv} --image-root results/bbbc021/images"
-        " --plate {wildcards.plate} {params.options}"
-        " --output-dir results/bbbc021/illumination 2> {log}"
+        "moaflow --threads {threads} illumination --image-csv {params.image_csv:q}"
+        " --image-root results/bbbc021/images --plate {wildcards.plate:q}"
+        " --filter-size {params.filter_size:q} --downscale {params.downscale:q}"
+        " --robust-percentile {params.robust_percentile:q}"
+        " --output-dir results/bbbc021/illumination 2> {log:q}"
 
 
 rule preprocess_bbbc021_plate:
     input:
         table="results/bbbc021/images.parquet",
-        plate="results/bbbc021/images/{plate}",
+        plate=verified("results/bbbc021/images/{plate}"),
         functions=branch(
             ILLUMINATION["apply"],
             then=expand(
-                "results/bbbc021/illumination/{{plate}}_{channel}.npy", channel=CHANNELS
+                "results/bbbc021/illumination/{{plate}}_{channel}.npy",
+                channel=BBBC021_CHANNELS,
             ),
             otherwise=[],
         ),
@@ -59,20 +62,16 @@ rule preprocess_bbbc021_plate:
         ),
         index="results/bbbc021/crops/plates/{plate}.index.parquet",
     params:
-        options=" ".join(
-            [
-                f"--sizes {' '.join(map(str, PRE021['input_sizes']))}",
-                f"--grid {PRE021['crop_grid'][0]} {PRE021['crop_grid'][1]}",
-                f"--normalisation {PRE021['normalisation']}",
-                f"--percentiles {PRE021['percentiles'][0]} {PRE021['percentiles'][1]}",
-                f"--empty-threshold {PRE021['empty_threshold']}",
-                f"--empty-fraction {PRE021['empty_fraction']}",
-                (
-                    "--illumination-dir results/bbbc021/illumination"
-                    if ILLUMINATION["apply"]
-                    else ""
-                ),
-            ]
+        sizes=PRE021["input_sizes"],
+        grid=PRE021["crop_grid"],
+        normalisation=PRE021["normalisation"],
+        percentiles=PRE021["percentiles"],
+        empty_threshold=PRE021["empty_threshold"],
+        empty_fraction=PRE021["empty_fraction"],
+        illumination=(
+            "--illumination-dir results/bbbc021/illumination"
+            if ILLUMINATION["apply"]
+            else ""
         ),
     log:
         "results/logs/preprocess/{plate}.log",
@@ -83,8 +82,11 @@ rule preprocess_bbbc021_plate:
     conda:
         "../../envs/moaflow.yaml"
     shell:
-        "moaflow --threads {threads} preprocess-plate --table {input.table} --plate {wildcards.plate} {params.options}"
-        " --output-prefix results/bbbc021/crops/plates/{wildcards.plate} 2> {log}"
+        "moaflow --threads {threads} preprocess-plate --table {input.table:q} --plate {wildcards.plate:q}"
+        " --sizes {params.sizes:q} --grid {params.grid:q} --normalisation {params.normalisation:q}"
+        " --percentiles {params.percentiles:q} --empty-threshold {params.empty_threshold:q}"
+        " --empty-fraction {params.empty_fraction:q} {params.illumination}"
+        " --output-prefix results/bbbc021/crops/plates/{wildcards.plate:q} 2> {log:q}"
 
 
 rule gather_bbbc021:
@@ -98,13 +100,11 @@ rule gather_bbbc021:
             size=PRE021["input_sizes"],
         ),
     output:
-        arrays=expand(
-            "results/bbbc021/crops/{size}.npy", size=PRE021["input_sizes"]
-        ),
+        arrays=expand("results/bbbc021/crops/{size}.npy", size=PRE021["input_sizes"]),
         index="results/bbbc021/crops/index.parquet",
     params:
-        prefixes=" ".join(f"results/bbbc021/crops/plates/{p}" for p in BBBC021_PLATES),
-        sizes=" ".join(map(str, PRE021["input_sizes"])),
+        prefixes=[f"results/bbbc021/crops/plates/{p}" for p in BBBC021_PLATES],
+        sizes=PRE021["input_sizes"],
     log:
         "results/logs/preprocess/gather_bbbc021.log",
     resources:
@@ -114,20 +114,21 @@ rule gather_bbbc021:
     conda:
         "../../envs/moaflow.yaml"
     shell:
-        "moaflow gather --prefixes {params.prefixes} --sizes {params.sizes}"
-        " --output-dir results/bbbc021/crops 2> {log}"
+        "moaflow gather --prefixes {params.prefixes:q} --sizes {params.sizes:q}"
+        " --output-dir results/bbbc021/crops 2> {log:q}"
 
 
 rule preprocess_bbbc014:
     input:
         table="results/bbbc014/images.parquet",
-        images="results/bbbc014/images",
+        images=verified("results/bbbc014/images"),
     output:
         arrays=expand("results/bbbc014/crops/{size}.npy", size=PRE014["input_sizes"]),
         index="results/bbbc014/crops/index.parquet",
     params:
-        sizes=" ".join(map(str, PRE014["input_sizes"])),
-        grid=f"{PRE014['crop_grid'][0]} {PRE014['crop_grid'][1]}",
+        sizes=PRE014["input_sizes"],
+        grid=PRE014["crop_grid"],
+        minmax=PRE014["minmax"],
     log:
         "results/logs/preprocess/bbbc014.log",
     resources:
@@ -137,5 +138,5 @@ rule preprocess_bbbc014:
     conda:
         "../../envs/moaflow.yaml"
     shell:
-        "moaflow --threads {threads} preprocess-bbbc014 --table {input.table} --sizes {params.sizes}"
-        " --grid {params.grid} --output-dir results/bbbc014/crops 2> {log}"
+        "moaflow --threads {threads} preprocess-bbbc014 --table {input.table:q} --sizes {params.sizes:q}"
+        " --grid {params.grid:q} --minmax {params.minmax:q} --output-dir results/bbbc014/crops 2> {log:q}"

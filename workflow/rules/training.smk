@@ -26,7 +26,7 @@ rule check_folds:
     conda:
         "../../envs/moaflow.yaml"
     shell:
-        "moaflow check-folds --folds {input.folds} --index {input.index} --output {output} 2> {log}"
+        "moaflow check-folds --folds {input.folds:q} --index {input.index:q} --output {output:q} 2> {log:q}"
 
 
 rule train:
@@ -58,11 +58,11 @@ rule train:
         "../../envs/moaflow.yaml"
     shell:
         "TF_NUM_INTRAOP_THREADS={threads} TF_NUM_INTEROP_THREADS=1 OMP_NUM_THREADS={threads}"
-        " moaflow --threads {threads} train --store {input.store} --index {input.index}"
-        " --folds {input.folds} --fold {wildcards.fold} --architecture {wildcards.architecture}"
-        " --dataset {wildcards.dataset} --init {wildcards.init} --weights {params.weights:q}"
-        " --preset {params.preset} --hyperparameters {params.hyper:q} --seed {wildcards.seed}"
-        " --out-dir $(dirname {output.model}) --checkpoint-dir {params.checkpoints} 2> {log}"
+        " moaflow --threads {threads} train --store {input.store:q} --index {input.index:q}"
+        " --folds {input.folds:q} --fold {wildcards.fold:q} --architecture {wildcards.architecture:q}"
+        " --dataset {wildcards.dataset:q} --init {wildcards.init:q} --weights {params.weights:q}"
+        " --preset {params.preset:q} --hyperparameters {params.hyper:q} --seed {wildcards.seed:q}"
+        " --out-dir \"$(dirname {output.model:q})\" --checkpoint-dir {params.checkpoints:q} 2> {log:q}"
 
 
 rule track_mlflow:
@@ -82,7 +82,7 @@ rule track_mlflow:
     output:
         "results/mlflow/runs.json",
     params:
-        run_dirs=" ".join(run for ds in DATASETS for run in training_runs(ds)),
+        run_dirs=[run for ds in DATASETS for run in training_runs(ds)],
         uri=config["tracking"]["uri"],
         experiment=config["tracking"]["experiment"],
         no_models="" if config["tracking"]["log_models"] else "--no-models",
@@ -97,7 +97,7 @@ rule track_mlflow:
         "../../envs/moaflow.yaml"
     shell:
         # MLFLOW_TRACKING_URI, when set, wins over the config (a tracking server)
-        'moaflow track --run-dirs {params.run_dirs} --tracking-uri "${{MLFLOW_TRACKING_URI:-{params.uri}}}"'
-        " --experiment {params.experiment:q} --config-hash {params.config_hash} {params.no_models}"
-        " --summaries {input.summaries} --artifacts {input.summaries} {input.figures}"
-        " --output {output} 2> {log}"
+        "moaflow track --run-dirs {params.run_dirs:q} --tracking-uri {params.uri:q}"
+        " --experiment {params.experiment:q} --config-hash {params.config_hash:q} {params.no_models}"
+        " --summaries {input.summaries:q} --artifacts {input.summaries:q} {input.figures:q}"
+        " --output {output:q} 2> {log:q}"
