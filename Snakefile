@@ -9,11 +9,17 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/image_table.smk"
 include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/crops.smk"
 include: "workflow/rules/training.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/profiling.smk"
 
 
 rule all:
     input:
         all_targets(),
     default_target: True
+
+
+# Where jobs run: fetching needs the internet, which cluster compute nodes often lack.
+logger.info(f"Run on the submit host (localrules): {', '.join(sorted(workflow._localrules))}")

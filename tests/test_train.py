@@ -1,6 +1,7 @@
-"""Training on CPU with small inputs: outputs, resume after a kill, determinism, learning."""
+"""Training on CPU with small inputs: outputs, jobs of several folds, resume, devices, backends, learning."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moaflow import folds, train
+from moaflow import folds, study, train
 
 from .conftest import build_crop_store
 
@@ -28,26 +29,97 @@ def store(tmp_path_factory):
     return crops, index_path, out / "folds.tsv", index
 
 
+def _job(store, tmp_path, architecture, size, fold_names, hyper, **kwargs):
+    crops, index_path, folds_path, _ = store
+    return train.train_job(crops / f"{size}.npy", index_path, folds_path, fold_names, architecture=architecture,
+                           weights=None, hyper=hyper, seed=kwargs.pop("seed", 0), models_dir=tmp_path / "models",
+                           checkpoints_dir=tmp_path / "ck", dataset="bbbc021", init="random", log=lambda _: None,
+                           **kwargs)
+
+
 @pytest.mark.parametrize("architecture, size", [("resnet50", 32), ("inception_v3", 75),
                                                 ("inception_resnet_v2", 75), ("lab_cnn", 75)])
 def test_each_architecture_trains_a_short_epoch(store, tmp_path, architecture, size):
-    crops, index_path, folds_path, index = store
+    _, _, folds_path, index = store
     fold = folds.read_folds(folds_path).iloc[0]
-    hyper = train.hyperparameters("final", architecture, QUICK)
-    history = train.train_fold(crops / f"{size}.npy", index_path, folds_path, fold["fold"], architecture=architecture,
-                               weights=None, hyper=hyper, seed=0, out_dir=tmp_path / "out",
-                               checkpoint_dir=tmp_path / "ck", dataset="bbbc021", init="random", log=lambda _: None)
+    _job(store, tmp_path, architecture, size, [fold["fold"]], study.hyperparameters("final", architecture, QUICK))
+    out = tmp_path / "models" / fold["fold"]
+    history = pd.read_csv(out / "history.tsv", sep="\t")
     assert list(history["epoch"]) == [1]
-    assert {"loss", "accuracy", "val_loss", "test_loss", "test_accuracy"} <= set(history.columns)
+    assert {"loss", "accuracy", "val_loss", "test_loss", "test_accuracy", "images_per_second"} <= set(history.columns)
     for name in ("model.keras", "history.tsv", "test_predictions.parquet", "validation_predictions.parquet", "run.json"):
-        assert (tmp_path / "out" / name).is_file(), name
-    test = pd.read_parquet(tmp_path / "out" / "test_predictions.parquet")
+        assert (out / name).is_file(), name
+    test = pd.read_parquet(out / "test_predictions.parquet")
     assert len(test) == (index["compound"] == fold["test_group"]).sum()
+    assert {"plate", "well", "site", "source", "fold"} <= set(test.columns)   # traceable to the image
     probabilities = test.filter(regex="^p_").to_numpy()
     assert probabilities.shape[1] == index["moa"].nunique() and np.allclose(probabilities.sum(1), 1, atol=1e-5)
-    validation = pd.read_parquet(tmp_path / "out" / "validation_predictions.parquet")
+    validation = pd.read_parquet(out / "validation_predictions.parquet")
     assert set(validation["compound"]) == set(fold["validation_groups"].split(";"))
-    assert not (tmp_path / "ck").exists()   # the checkpoint is cleared once outputs exist
+    assert not (tmp_path / "ck" / fold["fold"]).exists()   # the checkpoint is cleared once outputs exist
+
+
+def test_run_json_records_backend_devices_and_precision(store, tmp_path):
+    fold = folds.read_folds(store[2]).iloc[0]["fold"]
+    _job(store, tmp_path, "lab_cnn", 64, [fold], study.hyperparameters("lab", "lab_cnn", QUICK))
+    run = json.loads((tmp_path / "models" / fold / "run.json").read_text())
+    assert run["backend"] == "tensorflow" and run["keras_version"]
+    assert run["devices"] and all({"kind", "name"} <= set(d) for d in run["devices"])
+    assert run["dtype_policy"] == "float32" and run["batch_size"] == 4 and run["images_per_second"] > 0
+    assert run["started_at"] <= run["finished_at"] and run["fingerprint"]
+
+
+def test_a_gpu_job_without_a_gpu_stops_with_the_install_hint(store, tmp_path):
+    fold = folds.read_folds(store[2]).iloc[0]["fold"]
+    hyper = study.hyperparameters("lab", "lab_cnn", QUICK)
+    with pytest.raises(train.DeviceError, match=r"asked for 1 GPU.*sees none.*moaflow\[tensorflow-cuda\].*allow_cpu"):
+        _job(store, tmp_path, "lab_cnn", 64, [fold], hyper, gpus=1, allow_cpu=False)
+    assert not (tmp_path / "models").exists()
+    _job(store, tmp_path, "lab_cnn", 64, [fold], hyper, gpus=1, allow_cpu=True)   # on purpose: allowed
+    assert json.loads((tmp_path / "models" / fold / "run.json").read_text())["gpus_visible"] == 0
+
+
+def test_folds_trained_in_one_job_equal_folds_trained_alone(store, tmp_path):
+    """Start-up paid once must not change results: a fold's model restarts from the same state."""
+    names = list(folds.read_folds(store[2])["fold"][:2])
+    hyper = study.hyperparameters("lab", "lab_cnn", {"epochs": 2, "batch_size": 4, "augmentation": True})
+    _job(store, tmp_path / "together", "lab_cnn", 64, names, hyper)
+    _job(store, tmp_path / "alone", "lab_cnn", 64, [names[1]], hyper)
+    together = pd.read_parquet(tmp_path / "together" / "models" / names[1] / "test_predictions.parquet")
+    alone = pd.read_parquet(tmp_path / "alone" / "models" / names[1] / "test_predictions.parquet")
+    columns = [c for c in together if c.startswith("p_")]
+    assert np.allclose(together[columns], alone[columns], atol=1e-5)
+
+
+def test_a_rerun_keeps_finished_folds_and_redoes_changed_ones(store, tmp_path):
+    fold = folds.read_folds(store[2]).iloc[0]["fold"]
+    hyper = study.hyperparameters("lab", "lab_cnn", QUICK)
+    _job(store, tmp_path, "lab_cnn", 64, [fold], hyper)
+    mtime = (tmp_path / "models" / fold / "model.keras").stat().st_mtime_ns
+    summary = _job(store, tmp_path, "lab_cnn", 64, [fold], hyper)
+    assert summary["folds"][fold]["kept"] and (tmp_path / "models" / fold / "model.keras").stat().st_mtime_ns == mtime
+    changed = _job(store, tmp_path, "lab_cnn", 64, [fold], {**hyper, "learning_rate": 0.01})
+    assert not changed["folds"][fold]["kept"]
+
+
+def test_the_saved_model_loads_in_plain_keras_without_optimizer_state(store, tmp_path):
+    crops, _, folds_path, _ = store
+    fold = folds.read_folds(folds_path).iloc[0]["fold"]
+    _job(store, tmp_path, "lab_cnn", 64, [fold], study.hyperparameters("final", "lab_cnn", QUICK))
+    path = tmp_path / "models" / fold / "model.keras"
+    script = ("import sys, numpy as np, keras; m = keras.models.load_model(sys.argv[1]); "
+              "x = np.load(sys.argv[2], mmap_mode='r')[:3]; print(getattr(m, 'optimizer', None) is None, m.input.dtype); "
+              "np.save(sys.argv[3], m.predict(np.asarray(x), verbose=0))")
+    result = subprocess.run([sys.executable, "-c", script, str(path), str(crops / "64.npy"), str(tmp_path / "p.npy")],
+                            capture_output=True, text=True)   # a fresh interpreter: moaflow is never imported
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "moaflow" not in result.stderr and result.stdout.split()[:2] == ["True", "uint8"]
+    from moaflow.models import load_model
+
+    model = load_model(path)
+    assert np.allclose(np.load(tmp_path / "p.npy"), model.predict(np.load(crops / "64.npy")[:3], verbose=0), atol=1e-6)
+    weights = sum(np.prod(v.shape) for v in model.weights)
+    assert path.stat().st_size < 1.3 * 4 * weights      # weights only, no optimizer slots
 
 
 def _train_command(store, tmp_path, epochs):
@@ -55,15 +127,16 @@ def _train_command(store, tmp_path, epochs):
     hyper = json.dumps({"epochs": epochs, "batch_size": 2, "run_eagerly": True})
     return [sys.executable, "-m", "moaflow", "train", "--store", str(crops / "64.npy"), "--index", str(index_path),
             "--folds", str(folds_path), "--fold", folds.read_folds(folds_path).iloc[1]["fold"],
-            "--architecture", "lab_cnn", "--preset", "lab", "--hyperparameters", hyper,
-            "--out-dir", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "ck")]
+            "--architecture", "lab_cnn", "--preset", "lab", "--hyperparameters", hyper, "--checkpoint-minutes", "0",
+            "--models-dir", str(tmp_path / "models"), "--checkpoints-dir", str(tmp_path / "ck")]
 
 
 def test_killed_after_epoch_one_resumes_with_the_full_history(store, tmp_path):
     command = _train_command(store, tmp_path, epochs=4)
+    fold = command[command.index("--fold") + 1]
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    state = tmp_path / "ck" / "state.json"
-    deadline = time.monotonic() + 120
+    state = tmp_path / "ck" / fold / "state.json"
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None:
         if state.exists() and json.loads(state.read_text())["epochs_done"] >= 1:
             break
@@ -72,29 +145,70 @@ def test_killed_after_epoch_one_resumes_with_the_full_history(store, tmp_path):
     process.wait()
     done = json.loads(state.read_text())["epochs_done"]
     assert 1 <= done < 4, "the kill must land between epochs 1 and 4"
-    assert not (tmp_path / "out" / "run.json").exists()
+    assert not (tmp_path / "models" / fold / "run.json").exists()
 
     resumed = subprocess.run(command, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from the checkpoint after epoch {done}" in resumed.stderr
-    history = pd.read_csv(tmp_path / "out" / "history.tsv", sep="\t")
+    history = pd.read_csv(tmp_path / "models" / fold / "history.tsv", sep="\t")
     assert list(history["epoch"]) == [1, 2, 3, 4]
 
 
 def test_same_seed_same_first_epoch_loss(store, tmp_path):
-    crops, index_path, folds_path, _ = store
-    fold = folds.read_folds(folds_path).iloc[0]["fold"]
-    hyper = train.hyperparameters("lab", "lab_cnn", {"epochs": 1, "batch_size": 8})
+    fold = folds.read_folds(store[2]).iloc[0]["fold"]
+    hyper = study.hyperparameters("lab", "lab_cnn", {"epochs": 1, "batch_size": 8})
 
     def loss(seed, name):
-        history = train.train_fold(crops / "64.npy", index_path, folds_path, fold, architecture="lab_cnn",
-                                   weights=None, hyper=hyper, seed=seed, out_dir=tmp_path / name,
-                                   checkpoint_dir=tmp_path / f"{name}-ck", log=lambda _: None)
-        return history["loss"].iloc[0]
+        _job(store, tmp_path / name, "lab_cnn", 64, [fold], hyper, seed=seed)
+        return pd.read_csv(tmp_path / name / "models" / fold / "history.tsv", sep="\t")["loss"].iloc[0]
 
     first, second, other = loss(0, "a"), loss(0, "b"), loss(1, "c")
     assert first == pytest.approx(second, rel=1e-6)
     assert first != pytest.approx(other, rel=1e-4)
+
+
+def test_model_selection_best_validation_restores_the_best_epoch(store, tmp_path):
+    fold = folds.read_folds(store[2]).iloc[0]["fold"]
+    hyper = study.hyperparameters("lab", "lab_cnn", {"epochs": 4, "batch_size": 4, "model_selection": "best_validation"})
+    _job(store, tmp_path, "lab_cnn", 64, [fold], hyper)
+    out = tmp_path / "models" / fold
+    history = pd.read_csv(out / "history.tsv", sep="\t")
+    best = int(history.loc[history["val_accuracy"].idxmax(), "epoch"])
+    run = json.loads((out / "run.json").read_text())
+    assert run["model_selection"].startswith(f"best_validation (epoch {best},")
+    # the reported predictions are the best epoch's: their accuracy is that epoch's test accuracy
+    assert run["test_accuracy"] == pytest.approx(history.loc[history["epoch"] == best, "test_accuracy"].item())
+
+
+def test_model_selection_needs_validation_compounds(store, tmp_path):
+    crops, index_path, _, index = store
+    folds.write_folds(folds.leave_one_compound_out(index), tmp_path / "plain.tsv")
+    hyper = study.hyperparameters("lab", "lab_cnn", {**QUICK, "model_selection": "best_validation"})
+    with pytest.raises(ValueError, match="best_validation needs validation compounds"):
+        train.train_job(crops / "64.npy", index_path, tmp_path / "plain.tsv", [folds.slug(index["compound"][0])],
+                        architecture="lab_cnn", weights=None, hyper=hyper, seed=0, models_dir=tmp_path / "m",
+                        checkpoints_dir=tmp_path / "c", log=lambda _: None)
+
+
+def test_model_selection_mean_last_averages_predictions(store, tmp_path):
+    fold = folds.read_folds(store[2]).iloc[0]["fold"]
+    hyper = study.hyperparameters("lab", "lab_cnn", {"epochs": 3, "batch_size": 4, "model_selection": "mean_last",
+                                                     "selection_epochs": 2})
+    _job(store, tmp_path, "lab_cnn", 64, [fold], hyper)
+    run = json.loads((tmp_path / "models" / fold / "run.json").read_text())
+    assert run["model_selection"] == "mean of epochs 2-3"
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_other_keras_backends_train_a_fold(store, tmp_path, backend):
+    """The multi-backend claim: the same training code runs without TensorFlow's backend."""
+    command = _train_command(store, tmp_path, epochs=1)
+    command[command.index("--hyperparameters") + 1] = json.dumps({"epochs": 1, "batch_size": 4})
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, KERAS_BACKEND=backend))
+    assert result.returncode == 0, result.stderr[-3000:]
+    fold = command[command.index("--fold") + 1]
+    run = json.loads((tmp_path / "models" / fold / "run.json").read_text())
+    assert run["backend"] == backend and run["test_accuracy"] is not None
 
 
 @pytest.mark.slow
@@ -106,50 +220,11 @@ def test_held_out_compounds_are_classified_well_above_chance(tmp_path):
         moas=["Actin disruptors", "DNA damage", "Eg5 inhibitors", "Microtubule stabilizers"],
         compounds_per_moa=2, concentrations_per_compound=2, shape=(256, 320), magnification=2.5, seed=2019)
     index = pd.read_parquet(index_path)
-    table = folds.leave_one_compound_out(index)
-    folds.write_folds(table, tmp_path / "folds.tsv")
-    one_per_moa = index.groupby("moa")["compound"].max()
-    hyper = train.hyperparameters("lab", "lab_cnn", {"epochs": 15, "batch_size": 16})
-    accuracies = []
-    for compound in one_per_moa:
-        fold = folds.slug(compound)
-        train.train_fold(crops / "64.npy", index_path, tmp_path / "folds.tsv", fold, architecture="lab_cnn",
-                         weights=None, hyper=hyper, seed=0, out_dir=tmp_path / fold,
-                         checkpoint_dir=tmp_path / f"{fold}-ck", log=lambda _: None)
-        accuracies.append(json.loads((tmp_path / fold / "run.json").read_text())["test_accuracy"])
+    folds.write_folds(folds.leave_one_compound_out(index), tmp_path / "folds.tsv")
+    names = [folds.slug(c) for c in index.groupby("moa")["compound"].max()]
+    hyper = study.hyperparameters("lab", "lab_cnn", {"epochs": 15, "batch_size": 16})
+    summary = train.train_job(crops / "64.npy", index_path, tmp_path / "folds.tsv", names, architecture="lab_cnn",
+                              weights=None, hyper=hyper, seed=0, models_dir=tmp_path / "models",
+                              checkpoints_dir=tmp_path / "ck", log=lambda _: None)
+    accuracies = [summary["folds"][n]["test_accuracy"] for n in names]
     assert np.mean(accuracies) >= 0.5, accuracies
-
-
-def test_class_per_folder_dataset_trains_the_lab_cnn(store, tmp_path):
-    from PIL import Image
-
-    from moaflow.datasets import folder_dataset
-
-    crops, index_path, _, index = store
-    images = np.load(crops / "75.npy")
-    for row in index.itertuples():
-        folder = tmp_path / "data" / row.moa
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(images[row.crop_id]).save(folder / f"{row.crop_id}.png")
-    loaded, labels, classes, validation = folder_dataset(tmp_path / "data", 64, validation_fraction=0.25, seed=3)
-    assert classes == sorted(index["moa"].unique()) and loaded.shape == (len(index), 64, 64, 3)
-    for label in range(len(classes)):                       # stratified, about 25 % of each class
-        members = np.flatnonzero(labels == label)
-        assert abs(np.isin(members, validation).sum() - 0.25 * len(members)) <= 1
-    assert np.array_equal(validation, folder_dataset(tmp_path / "data", 64, seed=3)[3])   # seeded
-    assert not np.array_equal(validation, folder_dataset(tmp_path / "data", 64, seed=4)[3])
-
-    hyper = train.hyperparameters("lab", "lab_cnn", {"epochs": 2})
-    history = train.train_folder(tmp_path / "data", architecture="lab_cnn", input_size=64, hyper=hyper,
-                                 out_dir=tmp_path / "out", seed=3, log=lambda _: None)
-    assert list(history["epoch"]) == [1, 2] and "val_accuracy" in history
-    run = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert run["n_validation"] == len(validation) and run["validation_accuracy"] is not None
-
-
-def test_folder_dataset_needs_class_folders(tmp_path):
-    from moaflow.datasets import folder_dataset
-
-    (tmp_path / "only").mkdir()
-    with pytest.raises(ValueError, match="one sub-folder per class"):
-        folder_dataset(tmp_path, 64)

@@ -1,4 +1,5 @@
-"""Benchmarks (not tests): throughput of preprocessing against bare TIFF reading.
+"""Benchmarks (not tests): preprocessing against bare TIFF reading, and the training feeder and job
+against bare Keras (``moaflow bench-training``; the GPU figures need a GPU).
 
 ``moaflow bench-preprocess`` builds full-size (1024x1280) stand-in plates,
 then times, on the same files and with a warm page cache for both:
@@ -14,6 +15,7 @@ fields/s and the ratio step / bare read.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import time
 from pathlib import Path
@@ -105,44 +107,150 @@ def bench_preprocess(out: str | Path, repeats: int = 2) -> list[dict]:
     return rows
 
 
-def bench_training(store_dir: str | Path, sizes: dict[str, int], *, steps: int = 50, batch_size: int = 32,
-                   warmup: int = 5, workers: int = 4) -> list[dict]:
-    """Training throughput per architecture: the real memory-mapped store vs synthetic in-memory data.
+# ------------------------------------------------------------------ training
 
-    Both runs use the same model, batch size and `CropBatches` input path; the
-    synthetic array lives in RAM, so the ratio shows whether feeding data from
-    the store is the bottleneck. Prints images/s; on a GPU run it with
-    ``KERAS_BACKEND=jax`` where TensorFlow is not installed.
+def synthetic_study(out: str | Path, size: int, *, compounds: int = 38, crops_per_compound: int = 126,
+                    moas: int = 12, seed: int = 0) -> tuple[Path, Path, Path]:
+    """A crop store shaped like the real study's (38 compounds over 12 MoAs, about 4,800 crops) with random
+    pixels, its index and leave-one-compound-out folds: for throughput, the content does not matter.
+
+    Returns the store, index and folds paths.
+    """
+    import numpy as np
+
+    from moaflow import folds
+    from moaflow.io import write_array, write_table
+
+    out = Path(out)
+    store = out / f"{size}.npy"
+    index_path, folds_path = out / "index.parquet", out / "folds.tsv"
+    n = compounds * crops_per_compound
+    if not store.exists():
+        write_array(np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8), store)
+    if not index_path.exists():
+        compound = np.repeat([f"compound-{i:02d}" for i in range(compounds)], crops_per_compound)
+        moa = np.repeat([f"moa-{i % moas:02d}" for i in range(compounds)], crops_per_compound)
+        write_table(pd.DataFrame({"crop_id": range(n), "compound": compound, "moa": moa, "batch": "Week1",
+                                  "concentration": 1.0, "replicate": 1, "image_number": np.arange(n) // 4}),
+                    index_path)
+        folds.write_folds(folds.leave_one_compound_out(pd.read_parquet(index_path)), folds_path)
+    return store, index_path, folds_path
+
+
+def bench_feeder(sizes=(224, 299), *, crops: int = 4788, batch_size: int = 128, repeats: int = 3) -> list[dict]:
+    """Images/s of the feeder alone (no model): shuffled full batches gathered from an in-RAM store of
+    uint8 crops, on one core (one thread, no prefetch workers), best of ``repeats`` epochs."""
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from moaflow.feeder import CropBatches
+
+    rows = []
+    for size in sizes:
+        store = np.random.default_rng(0).integers(0, 256, (crops, size, size, 3), dtype=np.uint8)
+        targets = np.eye(12, dtype=np.float32)[np.arange(crops) % 12]
+        batches = CropBatches(store, np.arange(crops), targets, batch_size, shuffle=True, full_batches=True,
+                              weights=np.ones(crops), workers=1)
+        best = float("inf")
+        with threadpool_limits(limits=1):
+            for epoch in range(repeats):
+                batches.set_epoch(epoch)
+                started = time.perf_counter()
+                for i in range(len(batches)):
+                    images, _, _ = batches[i]
+                best = min(best, time.perf_counter() - started)
+        rows.append({"input": size, "batch": batch_size, "crops": crops,
+                     "images_per_s": len(batches) * batch_size / best,
+                     "MB_per_s": len(batches) * batch_size * size * size * 3 / best / 1e6})
+        del store
+    print("Feeder alone (uint8 batches from RAM, one core):")
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:,.0f}"), flush=True)
+    return rows
+
+
+def bench_training(out: str | Path, sizes: dict[str, int], *, batch_size: int = 128,
+                   precision: str = "mixed_bfloat16", epochs: int = 2, folds: int = 2) -> list[dict]:
+    """Per architecture: the train rule's own code (`moaflow.train.train_job`: feeder, compiled step,
+    held-out predictions, outputs) against a bare ``model.fit`` on synthetic in-memory tensors of the same
+    shape, backend and precision, in the same process.
+
+    Reports both images/s, their ratio, and the job's fixed cost (wall time less its epochs: start-up,
+    compilation, final predictions, saving), which `estimate_study` uses.
     """
     import keras
     import numpy as np
 
-    from moaflow.datasets import CropBatches
+    from moaflow import study, train
     from moaflow.models import build_model
 
     rows = []
     for architecture, size in sizes.items():
-        store = np.load(Path(store_dir) / f"{size}.npy", mmap_mode="r")
-        n = min(len(store), batch_size * (steps + warmup))
-        picks = np.random.default_rng(0).choice(len(store), size=n, replace=len(store) < n)
-        synthetic = np.random.default_rng(1).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
-        targets = np.eye(12, dtype=np.float32)[np.arange(n) % 12]
-        result = {"architecture": architecture, "input": size, "batch": batch_size, "backend": keras.backend.backend()}
-        for name, source, chosen in (("synthetic", synthetic, np.arange(n)), ("store", store, picks)):
-            model = build_model(architecture, size, 12, weights=None)
-            model.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9), loss="categorical_crossentropy")
-            data = CropBatches(source, chosen, targets, batch_size, shuffle=True, workers=workers,
-                               max_batches=warmup + steps)
-            times = []
+        store, index_path, folds_path = synthetic_study(out, size)
+        names = list(pd.read_csv(folds_path, sep="\t")["fold"][:folds])
+        hyper = study.hyperparameters("final", architecture, {"epochs": epochs, "batch_size": batch_size,
+                                                              "precision": precision})
+        started = time.perf_counter()
+        train.train_job(store, index_path, folds_path, names, architecture=architecture, weights=None, hyper=hyper,
+                        seed=0, models_dir=Path(out) / "models" / architecture,
+                        checkpoints_dir=Path(out) / "checkpoints" / architecture, gpus=0, allow_cpu=True,
+                        checkpoint_minutes=1e9, log=lambda line: print(line, flush=True))
+        wall = time.perf_counter() - started
+        histories = [pd.read_csv(Path(out) / "models" / architecture / n / "history.tsv", sep="\t") for n in names]
+        steady = np.median([v for h in histories for v in h["images_per_second"].iloc[1:]]
+                           or [v for h in histories for v in h["images_per_second"]])
+        epoch_seconds = float(np.median([v for h in histories for v in h["seconds"].iloc[1:]]
+                                        or [v for h in histories for v in h["seconds"]]))
+        n_train = json.loads((Path(out) / "models" / architecture / names[0] / "run.json").read_text())["n_train"]
 
-            class Clock(keras.callbacks.Callback):
-                def on_train_batch_end(self, batch, logs=None):
-                    times.append(time.perf_counter())
+        # The bare baseline: the same model, in-memory uint8 tensors, Keras' own array feeding.
+        keras.config.set_dtype_policy(precision)
+        model = build_model(architecture, size, 12, weights=None)
+        model.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9), loss="categorical_crossentropy")
+        n = (n_train // batch_size) * batch_size
+        x = np.random.default_rng(1).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        y = np.eye(12, dtype=np.float32)[np.arange(n) % 12]
+        times = []
 
-            model.fit(data, epochs=1, verbose=0, callbacks=[Clock()])
-            timed = times[warmup:]
-            result[f"{name}_images_per_s"] = batch_size * (len(timed) - 1) / (timed[-1] - timed[0])
-        result["ratio"] = result["store_images_per_s"] / result["synthetic_images_per_s"]
-        rows.append(result)
-        print(pd.DataFrame([result]).to_string(index=False, float_format=lambda v: f"{v:,.2f}"), flush=True)
+        class Clock(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                times.append(time.perf_counter())
+
+            def on_epoch_end(self, epoch, logs=None):
+                times.append(time.perf_counter())
+
+        model.fit(x, y, batch_size=batch_size, epochs=2, verbose=0, shuffle=False, callbacks=[Clock()])
+        bare = n / (times[3] - times[2])
+        keras.config.set_dtype_policy("float32")
+        row = {"architecture": architecture, "input": size, "batch": batch_size, "precision": precision,
+               "backend": keras.backend.backend(), "rule_images_per_s": steady, "bare_images_per_s": bare,
+               # wall time less steady-state epochs: start-up, compilation, final predictions, saving
+               "ratio": steady / bare, "job_fixed_seconds": wall - sum(map(len, histories)) * epoch_seconds,
+               "epoch_seconds": epoch_seconds, "n_train": n_train}
+        rows.append(row)
+        print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:,.2f}"), flush=True)
+        keras.backend.clear_session()
     return rows
+
+
+def estimate_study(rows: list[dict], *, folds: int = 38, inits: int = 2, epochs: int = 10,
+                   folds_per_job: int | None = 10, crops: int = 4788) -> dict:
+    """GPU-hours of the BBBC021 study from `bench_training`'s measurements.
+
+    Each job costs its fixed part once; each fold ``epochs`` epochs, whose time is scaled from the
+    benchmark's training set to ``crops * (folds - 1) / folds`` training crops (held-out prediction included).
+    """
+    per_job = folds_per_job or folds
+    jobs = -(-folds // per_job)
+    n_train = crops * (folds - 1) / folds
+    total, parts = 0.0, {}
+    for row in rows:
+        fold_seconds = epochs * row["epoch_seconds"] * n_train / row["n_train"]
+        seconds = inits * (jobs * row["job_fixed_seconds"] + folds * fold_seconds)
+        parts[row["architecture"]] = seconds / 3600
+        total += seconds
+    estimate = {"gpu_hours": total / 3600, "per_architecture_hours": parts, "jobs": jobs * inits * len(rows),
+                "folds_per_job": per_job, "epochs": epochs}
+    print(f"Estimated BBBC021 study: {estimate['gpu_hours']:.2f} GPU-hours over {estimate['jobs']} jobs "
+          f"({per_job} folds per job, {epochs} epochs): "
+          + ", ".join(f"{a} {h:.2f} h" for a, h in parts.items()), flush=True)
+    return estimate

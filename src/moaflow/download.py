@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 from moaflow.errors import DownloadError, VerificationError
-from moaflow.io import write_json
+from moaflow.io import replace_folder, restore_folder, write_json
 
 __all__ = ["DownloadError", "VerificationError", "fetch", "extract_archive", "verify_zip", "verify_csv",
            "verify_text", "file_digest", "urls_for"]
@@ -453,9 +453,7 @@ def extract_archive(
     """
     archive, target = Path(archive), Path(target)
     staging = target.with_name(f".{target.name}.partial")
-    old = target.with_name(f".{target.name}.old")
-    if old.exists() and not target.exists():
-        os.replace(old, target)   # a swap was interrupted between its two renames: put the good folder back
+    restore_folder(target)   # a swap interrupted between its two renames: put the good folder back
     previous = _previous_extraction(target, archive_sha256)
     if previous is not None:
         log(f"{target}: already holds a verified extraction of this archive ({len(previous['files'])} files); "
@@ -513,13 +511,7 @@ def extract_archive(
         manifest = {"archive": str(archive), "archive_sha256": archive_sha256, "files": files,
                     "bytes": sum(files.values()), "checks_version": EXTRACT_CHECKS_VERSION, "time": _now()}
         write_json(manifest, staging / EXTRACT_MANIFEST)
-        # Swap: the old folder goes only once its verified replacement is in place.
-        if target.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(staging, target)   # the old folder goes only once its verified replacement is in place
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise VerificationError(f"{archive}: cannot be extracted ({exc})") from exc
     finally:

@@ -80,3 +80,28 @@ def save_figure(figure, path: str | os.PathLike, dpi: int = 90) -> None:
             figure.savefig(tmp, dpi=dpi)
     finally:
         plt.close(figure)
+
+
+def replace_folder(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put a completed ``staging`` folder in place of ``target``; the old ``target`` goes only after.
+
+    Between the two renames the old folder waits as ``.<target>.old``; `restore_folder`
+    puts it back if the process died just then.
+    """
+    import shutil
+
+    staging, target = Path(staging), Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_folder(target: str | os.PathLike) -> None:
+    """Undo a `replace_folder` interrupted between its two renames."""
+    target = Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if old.exists() and not target.exists():
+        os.replace(old, target)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -41,3 +43,36 @@ def one_line_errors(what: str, log: Callable[[str], None] = stderr) -> Iterator[
         if log is not stderr:
             stderr(f"{what}: error: {exc}")
         raise SystemExit(1) from None
+
+
+#: TensorFlow's start-up lines on a machine without a usable GPU: not errors, but they look like failures.
+_STARTUP_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|oneDNN custom operations are on|Could not find cuda drivers"
+    r"|failed call to cuInit|This TensorFlow binary is optimized|To enable the following instructions"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory|computation placer already registered"
+    r"|TF-TRT Warning|Memory patch applied")
+
+
+@contextmanager
+def quiet_framework_startup() -> Iterator[None]:
+    """Drop TensorFlow's known start-up lines (oneDNN notice, CUDA probing) from the process's standard
+    error while the block runs; every other line, a real error included, is passed on afterwards.
+
+    The device list a training job logs says plainly whether a GPU was found.
+    """
+    fd = 2   # where the C++ libraries write, whatever Python's sys.stderr is
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode("utf-8", "replace").splitlines():
+                if not _STARTUP_NOISE.search(line):
+                    print(line, file=sys.stderr)
+            sys.stderr.flush()

@@ -2,12 +2,21 @@
 
 * ``resnet50``, ``inception_v3``, ``inception_resnet_v2``: ``keras.applications``
   without their top, global average pooling and a new softmax (or sigmoid) head;
-  weights ``"imagenet"`` (Keras fetches them on the user's machine), ``None``
-  (random, Glorot/"Xavier" initialisation) or a local notop weights file.
+  weights ``None`` (random, Glorot/"Xavier" initialisation) or a notop weights
+  file (the ImageNet file the ``fetch_weights`` rule fetched).
 * ``lab_cnn``: the course lab's LeNet-style baseline, exactly as in the reference.
 
-The augmentation of the original code runs inside the model (`StudyAugmentation`),
-on the accelerator, active only in training.
+Every model takes the crop store's uint8 rows as they are (stored channel order,
+0..255): casting, augmentation, channel order and input scaling all run inside
+the model, on the device. The layers, in order:
+
+``to_float`` (Rescaling: uint8 -> float32) -> ``augmentation`` (training only,
+float32) -> ``input_transform`` (a fixed 1x1 convolution: channel order and
+scaling) -> backbone -> head (float32 under mixed precision).
+
+`inference_model` drops the augmentation: what remains is built from Keras'
+own layers only, so a saved ``model.keras`` loads with plain
+``keras.models.load_model(path)``, no moaflow import needed.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import os
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import ops
 
 #: architecture -> (keras.applications constructor, smallest input side it accepts)
@@ -26,6 +36,13 @@ APPLICATIONS = {
     "inception_resnet_v2": ("InceptionResNetV2", 75),
 }
 ARCHITECTURES = [*APPLICATIONS, "lab_cnn"]
+#: stored channel order -> what the network sees
+CHANNEL_ORDERS = {
+    "stored": [0, 1, 2],     # (Actin, Tubulin, DAPI) for BBBC021; (zeros, DAPI, FITC) for BBBC014
+    "reversed": [2, 1, 0],   # what the original network saw after OpenCV's BGR read: (DAPI, Tubulin, Actin)
+}
+INPUT_SCALINGS = ("raw", "unit", "symmetric", "caffe")
+_CAFFE_MEAN = (103.939, 116.779, 123.68)   # keras.applications' ResNet50 "caffe" preprocessing, BGR
 
 
 @keras.saving.register_keras_serializable(package="moaflow")
@@ -34,11 +51,14 @@ class StudyAugmentation(keras.layers.Layer):
 
     One of the 8 dihedral transforms (random vertical flip, horizontal flip and
     transpose: all 8 equally likely); each channel multiplied by ``1 - j`` with
-    ``j`` drawn from {0, 0, +0.25, -0.25}; with p = 0.5 a 3x3 box blur; with
-    p = 0.5 Gaussian noise of variance 50; clipped to 0..255. Square inputs only.
+    ``j`` drawn from {0, 0, +0.25, -0.25}; with p = 0.5 a 3x3 box blur with
+    OpenCV's default border (reflect-101, as ``cv2.blur``); with p = 0.5
+    Gaussian noise of variance 50; clipped to 0..255. Square inputs only. It
+    always computes in float32, also under a mixed-precision policy.
     """
 
     def __init__(self, seed: int | None = None, noise_variance: float = 50.0, **kwargs):
+        kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         self.seed = seed
         self.noise_variance = noise_variance
@@ -60,7 +80,8 @@ class StudyAugmentation(keras.layers.Layer):
         pick = keras.random.randint((batch, 1, 1, channels), 0, 4, seed=self.seed_generator)
         x = x * (1.0 - ops.take(jitter, pick))
         kernel = ops.ones((3, 3, channels, 1), dtype=x.dtype) / 9.0
-        x = ops.where(coin(), ops.depthwise_conv(x, kernel, strides=1, padding="same"), x)
+        padded = ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="reflect")   # numpy's reflect = reflect-101
+        x = ops.where(coin(), ops.depthwise_conv(padded, kernel, strides=1, padding="valid"), x)
         noise = keras.random.normal(ops.shape(x), stddev=math.sqrt(self.noise_variance), seed=self.seed_generator)
         x = ops.where(coin(), x + ops.cast(noise, x.dtype), x)
         return ops.clip(x, 0.0, 255.0)
@@ -69,38 +90,33 @@ class StudyAugmentation(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "seed": self.seed, "noise_variance": self.noise_variance}
+        config = super().get_config()
+        config.pop("dtype", None)
+        return {**config, "seed": self.seed, "noise_variance": self.noise_variance}
 
 
-@keras.saving.register_keras_serializable(package="moaflow")
-class InputScaling(keras.layers.Layer):
-    """How 0..255 inputs reach the network: ``raw`` (the study: unchanged), ``unit``
-    (divided by 255, the lab), ``symmetric`` (to -1..1, Inception's ImageNet
-    convention) or ``caffe`` (ResNet50's: BGR order, ImageNet mean subtracted)."""
+def input_transform(channel_order: str, input_scaling: str) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel (1, 1, 3, 3) and bias (3,) of the fixed 1x1 convolution that maps stored 0..255 channels
+    to what the network sees: ``out[c] = x[order[c]] * scale + offset``.
 
-    MODES = ("raw", "unit", "symmetric", "caffe")
-
-    def __init__(self, mode: str = "raw", **kwargs):
-        super().__init__(**kwargs)
-        if mode not in self.MODES:
-            raise ValueError(f"input_scaling={mode!r}: expected one of {self.MODES}")
-        self.mode = mode
-
-    def call(self, x):
-        if self.mode == "unit":
-            return x / 255.0
-        if self.mode == "symmetric":
-            return x / 127.5 - 1.0
-        if self.mode == "caffe":
-            mean = ops.convert_to_tensor([103.939, 116.779, 123.68], dtype=x.dtype)
-            return ops.flip(x, axis=-1) - mean
-        return x
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "mode": self.mode}
+    ``raw`` keeps 0..255 (the study), ``unit`` divides by 255 (the lab), ``symmetric`` maps to -1..1
+    (Inception's ImageNet convention), ``caffe`` reverses the channels and subtracts ResNet50's ImageNet mean.
+    """
+    if channel_order not in CHANNEL_ORDERS:
+        raise ValueError(f"channel_order={channel_order!r}: expected one of {sorted(CHANNEL_ORDERS)}")
+    if input_scaling not in INPUT_SCALINGS:
+        raise ValueError(f"input_scaling={input_scaling!r}: expected one of {INPUT_SCALINGS}")
+    order = list(CHANNEL_ORDERS[channel_order])
+    scale, offset = {"raw": (1.0, 0.0), "unit": (1 / 255, 0.0), "symmetric": (1 / 127.5, -1.0),
+                     "caffe": (1.0, 0.0)}[input_scaling]
+    bias = np.full(3, offset, np.float32)
+    if input_scaling == "caffe":
+        order = order[::-1]
+        bias = -np.asarray(_CAFFE_MEAN, np.float32)
+    kernel = np.zeros((1, 1, 3, 3), np.float32)
+    for out, source in enumerate(order):
+        kernel[0, 0, source, out] = scale
+    return kernel, bias
 
 
 def lab_cnn(input_shape=(256, 256, 3), n_classes: int = 6) -> keras.Model:
@@ -120,22 +136,40 @@ def lab_cnn(input_shape=(256, 256, 3), n_classes: int = 6) -> keras.Model:
 
 
 def resolve_weights(weights: str | None, architecture: str) -> str | None:
-    """Turn the config's weights value into what keras.applications accepts.
+    """Turn the weights setting into what keras.applications accepts.
 
-    ``"imagenet"`` stays (Keras downloads it); ``None``/``"none"`` is random
-    initialisation; anything else is a path, in which ``{architecture}`` is
-    replaced, and which must exist.
+    ``None``/``"none"`` is random initialisation; anything else is a path, in
+    which ``{architecture}`` is replaced, and which must exist. Training jobs
+    never fetch weights: ``imagenet`` is fetched once, by the ``fetch_weights``
+    rule, into ``results/weights/``.
     """
     if weights is None or str(weights).lower() in ("none", "random", "null"):
         return None
     if weights == "imagenet":
-        return "imagenet"
+        raise ValueError(f"weights 'imagenet' for {architecture}: training reads a weights file; the workflow "
+                         "passes results/weights/<architecture>_notop.h5 (rule fetch_weights)")
     path = Path(str(weights).format(architecture=architecture))
     if not path.is_file():
         raise FileNotFoundError(
             f"weights file {path} (training.initialisations, architecture {architecture}) does not exist; "
             "expected a Keras notop weights file such as resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
     return os.fspath(path)
+
+
+def backbone(architecture: str, input_size: int, weights: str | None = None) -> keras.Model:
+    """The notop network with global average pooling (the lab CNN up to its 1,024-unit layer)."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture={architecture!r}: expected one of {ARCHITECTURES}")
+    if architecture == "lab_cnn":
+        if input_size < 64:
+            raise ValueError(f"lab_cnn needs inputs of at least 64x64 (stride 2 and pools of 2, 4, 4), got {input_size}")
+        core = lab_cnn((input_size, input_size, 3))
+        return keras.Model(core.inputs, core.layers[-2].output, name="lab_cnn_body")
+    name, smallest = APPLICATIONS[architecture]
+    if input_size < smallest:
+        raise ValueError(f"{architecture} needs inputs of at least {smallest}x{smallest}, got {input_size}")
+    return getattr(keras.applications, name)(include_top=False, weights=resolve_weights(weights, architecture),
+                                             input_shape=(input_size, input_size, 3), pooling="avg")
 
 
 def build_model(
@@ -146,10 +180,11 @@ def build_model(
     weights: str | None = None,
     head: str = "softmax",
     augmentation: bool = True,
+    channel_order: str = "stored",
     input_scaling: str = "raw",
     seed: int | None = None,
 ) -> keras.Model:
-    """Build one of `ARCHITECTURES` for square ``input_size`` RGB inputs.
+    """Build one of `ARCHITECTURES` for square uint8 ``input_size`` crops in stored channel order.
 
     Parameters
     ----------
@@ -162,41 +197,61 @@ def build_model(
     weights : str, optional
         See `resolve_weights`. Ignored for ``lab_cnn`` (always random).
     augmentation : bool
-        Put `StudyAugmentation` in front (active only in training).
-    input_scaling : str
-        See `InputScaling`.
+        Put `StudyAugmentation` after the cast (active only in training).
+    channel_order, input_scaling : str
+        See `input_transform`.
+    seed : int, optional
+        Seeds the augmentation.
 
     Returns
     -------
     model : keras.Model
-        Uncompiled; input 0..255 float images.
+        Uncompiled; input uint8 ``(None, input_size, input_size, 3)``.
     """
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture={architecture!r}: expected one of {ARCHITECTURES}")
     if head not in ("softmax", "sigmoid"):
         raise ValueError(f"head={head!r}: expected 'softmax' or 'sigmoid'")
-    inputs = keras.Input((input_size, input_size, 3), name="image")
-    x = StudyAugmentation(seed=seed, name="augmentation")(inputs) if augmentation else inputs
-    x = InputScaling(input_scaling, name="input_scaling")(x)
-    if architecture == "lab_cnn":
-        if input_size < 64:
-            raise ValueError(f"lab_cnn needs inputs of at least 64x64 (stride 2 and pools of 2, 4, 4), got {input_size}")
-        core = lab_cnn((input_size, input_size, 3), n_classes if head == "softmax" else 1)
-        # Reuse the lab network but swap its head for the requested one.
-        features = core.layers[-2].output
-        body = keras.Model(core.inputs, features, name="lab_cnn_body")
-        x = body(x)
-    else:
-        name, smallest = APPLICATIONS[architecture]
-        if input_size < smallest:
-            raise ValueError(f"{architecture} needs inputs of at least {smallest}x{smallest}, got {input_size}")
-        base = getattr(keras.applications, name)(
-            include_top=False, weights=resolve_weights(weights, architecture),
-            input_shape=(input_size, input_size, 3), pooling="avg")
-        x = base(x)
+    kernel, bias = input_transform(channel_order, input_scaling)
+    inputs = keras.Input((input_size, input_size, 3), dtype="uint8", name="image")
+    x = keras.layers.Rescaling(1.0, dtype="float32", name="to_float")(inputs)
+    if augmentation:
+        x = StudyAugmentation(seed=seed, name="augmentation")(x)
+    transform = keras.layers.Conv2D(3, 1, dtype="float32", trainable=False, name="input_transform")
+    x = transform(x)
+    transform.set_weights([kernel, bias])
+    x = backbone(architecture, input_size, weights)(x)
     # The head stays float32 under mixed precision (stable softmax / sigmoid).
     if head == "softmax":
         outputs = keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="moa")(x)
     else:
         outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="translocation")(x)
     return keras.Model(inputs, outputs, name=f"{architecture}_{head}")
+
+
+def _chain(model: keras.Model, *, head: bool, name: str) -> keras.Model:
+    """A new model over ``model``'s layers (shared weights), without the augmentation, with or without the head."""
+    inputs = keras.Input(model.inputs[0].shape[1:], dtype=model.inputs[0].dtype, name="image")
+    x = inputs
+    for layer in model.layers[1:] if head else model.layers[1:-1]:
+        if not isinstance(layer, StudyAugmentation):
+            x = layer(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def inference_model(model: keras.Model) -> keras.Model:
+    """The same network without its augmentation layer, sharing its weights.
+
+    What is left uses Keras' own layers only, so its saved file loads with
+    ``keras.models.load_model``; being uncompiled, it is saved without
+    optimizer state.
+    """
+    return _chain(model, head=True, name=model.name)
+
+
+def embedding_model(model: keras.Model) -> keras.Model:
+    """Inputs -> the pooled features the classifier head reads (for profiling), sharing ``model``'s weights."""
+    return _chain(model, head=False, name=f"{model.name}_features")
+
+
+def load_model(path: str | os.PathLike) -> keras.Model:
+    """Load a saved ``model.keras`` (a plain ``keras.models.load_model`` would do as well)."""
+    return keras.models.load_model(path, compile=False)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from moaflow.io import atomic_path
 from moaflow.study import BBBC021_PLATES_BY_WEEK
 
 #: Bumped whenever the generated data changes for the same settings (the demo regenerates).
@@ -235,14 +236,12 @@ def _field_uuid(rng: np.random.Generator) -> str:
 
 
 def _zip_dir(source_dir: Path, archive: Path, arcname_root: str) -> None:
-    tmp = archive.with_suffix(archive.suffix + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+    with atomic_path(archive) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
         for path in sorted(source_dir.iterdir()):
             # A fixed timestamp keeps archives byte-identical for a given seed.
             info = zipfile.ZipInfo(f"{arcname_root}/{path.name}", date_time=(2019, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
             zf.writestr(info, path.read_bytes())
-    os.replace(tmp, archive)
 
 
 def select_treatments(
@@ -505,3 +504,40 @@ def tree_digest(root: str | os.PathLike) -> str:
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- ImageNet weights
+
+def write_weights(out_dir: str | os.PathLike, files: dict[str, str], *, seed: int = 0, log=print) -> dict[str, str]:
+    """Write stand-in notop weights files with the shapes of the real ImageNet ones, in Keras' legacy
+    HDF5 layout (what ``keras.applications`` loads), under ``out_dir/www/weights/<file>``.
+
+    Parameters
+    ----------
+    files : dict
+        architecture -> path under the base URL (the config's ``weights.files``).
+
+    Returns
+    -------
+    md5 : dict
+        path -> MD5 of the written file (what a config's ``weights.published_files`` would hold).
+    """
+    import h5py
+    import keras
+    from keras.src.legacy.saving import legacy_h5_format
+
+    from moaflow.models import backbone
+
+    digests = {}
+    rng = np.random.default_rng(seed)
+    for architecture, relative in files.items():
+        model = backbone(architecture, 75, weights=None)
+        model.set_weights([rng.normal(0, 0.05, w.shape).astype(w.dtype) for w in model.get_weights()])
+        path = Path(out_dir) / "www" / "weights" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(path, "w") as handle:
+            legacy_h5_format.save_weights_to_hdf5_group(handle, model)
+        digests[relative] = hashlib.md5(path.read_bytes()).hexdigest()
+        log(f"stand-in weights: {architecture} ({model.count_params():,} values) -> {path}")
+        keras.backend.clear_session()
+    return digests
