@@ -1,10 +1,12 @@
 """Evaluation on hand-made predictions with known answers, and conformal coverage."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from moaflow import evaluate
+from moaflow import evaluate, study
 
 
 def _crops(rows):
@@ -40,6 +42,14 @@ def test_a_tie_goes_to_the_first_class_like_argmax():
     assert evaluate.aggregate(crops, "treatment").loc[0, "predicted"] == "A"
 
 
+def test_a_table_is_evaluated_at_its_own_level_and_coarser_only():
+    treatments = pd.DataFrame({"compound": ["x"], "concentration": [1.0], "true": ["A"], "p_A": [0.9], "p_B": [0.1]})
+    assert evaluate.level_of(treatments) == "treatment"
+    assert evaluate.aggregate(treatments, "treatment").loc[0, "predicted"] == "A"
+    with pytest.raises(ValueError, match="treatment level cannot be evaluated at crop level"):
+        evaluate.aggregate(treatments, "crop")
+
+
 def test_confusion_matrix_sums_to_the_number_of_treatments():
     rng = np.random.default_rng(0)
     rows = []
@@ -68,7 +78,7 @@ def _calibrated(n, rng, k=4):
 
 
 @pytest.mark.parametrize("significance", [0.1, 0.2])
-def test_mondrian_coverage_is_within_binomial_tolerance(significance):
+def test_mondrian_coverage_on_exchangeable_examples(significance):
     rng = np.random.default_rng(1)
     calibration, test = _calibrated(4000, rng), _calibrated(4000, rng)
     table = evaluate.conformal_table(test, calibration, [significance])
@@ -110,3 +120,97 @@ def test_several_seeds_give_a_seed_variation_row(tmp_path):
     assert row["seeds"] == 2 and row["sd_percent"] == pytest.approx(np.std([100, 50], ddof=1))
     variation = pd.read_csv(tmp_path / "out" / "seed_variation.csv")
     assert sorted(variation.query("level == 'treatment'")["accuracy_percent"]) == [50.0, 100.0]
+
+
+# ----------------------------------------------------------------- published predictions
+
+PUBLISHED = Path(evaluate.__file__).parent / "data" / "kensert2019_predictions.csv"
+
+
+def test_the_authors_predictions_give_the_papers_accuracies_through_moaflow_evaluate(tmp_path):
+    """`moaflow evaluate --predictions` on the authors' xlsx (as CSV): 97.09 / 97.09 / 95.15 % and their errors."""
+    from moaflow.cli import main as moaflow
+
+    assert moaflow(["evaluate", "bbbc021", "--predictions", str(PUBLISHED), "--out-dir", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "accuracy.csv").query("level == 'treatment'").set_index("architecture")
+    assert table["n"].tolist() == [103, 103, 103]
+    assert table["accuracy_percent"].round(2).to_dict() == {"inception_resnet_v2": 95.15, "inception_v3": 97.09,
+                                                              "resnet50": 97.09}
+    wrong = pd.read_csv(tmp_path / "misclassified_treatments.csv")
+    found = {(r.architecture, r.compound, float(r.concentration)) for r in wrong.itertuples()}
+    expected = {(a, "colchicine", 0.03) for a in ("resnet50", "inception_v3", "inception_resnet_v2")} | \
+               {(a, "latrunculin B", 1.0) for a in ("resnet50", "inception_v3", "inception_resnet_v2")} | \
+               {("resnet50", "chlorambucil", 10.0), ("inception_v3", "ALLN", 3.0),
+                ("inception_resnet_v2", "MG-132", 0.1), ("inception_resnet_v2", "MG-132", 3.0),
+                ("inception_resnet_v2", "methotrexate", 10.0)}
+    assert found == expected
+    assert (tmp_path / "confusion_treatment_resnet50_published.png").is_file()
+    assert "image" not in set(pd.read_csv(tmp_path / "accuracy.csv")["level"])   # cannot go finer than the table
+
+
+# ----------------------------------------------------------------- deviations
+
+def test_deviations_follow_the_preset_and_settings():
+    folds = pd.DataFrame({"fold": [f"c{i}" for i in range(38)], "validation_groups": [""] * 38,
+                          "excluded_batches": [""] * 38})
+    receipt = {"source": "https://data.broadinstitute.org/bbbc/BBBC021/BBBC021_v1_image.csv",
+               "checks": ["size 3,669,969 bytes as published", "SHA256 as published", "csv: 13200 rows"]}
+    settings = {"preprocess": {"illumination": {"apply": False}, "normalisation": "study", "crop_grid": [2, 2],
+                               "empty_fraction": 0.002, "empty_threshold": 50.0},
+                "training": {"architectures": ["resnet50", "inception_v3", "inception_resnet_v2"],
+                             "initialisations": [{"name": "imagenet", "weights": "imagenet"},
+                                                 {"name": "random", "weights": "none"}],
+                             "bbbc021": {"preset": "final", "hyperparameters": {},
+                                         "input_sizes": {"resnet50": 224, "inception_v3": 299,
+                                                         "inception_resnet_v2": 299}}}}
+    paper = study.paper_settings()
+    same = evaluate.deviations(study.run_settings(settings, folds, receipt), paper).set_index("setting")
+    assert not same["differs"].any(), same[same["differs"]]
+    settings["training"]["bbbc021"]["preset"] = "published"
+    settings["preprocess"]["illumination"]["apply"] = True
+    settings["training"]["bbbc021"]["hyperparameters"] = {"precision": "mixed_bfloat16"}
+    table = evaluate.deviations(study.run_settings(settings, folds, {"source": "local copy", "checks": []}),
+                                paper).set_index("setting")
+    differs = set(table.index[table["differs"]])
+    assert {"epochs", "batch_size", "learning_rate", "precision", "illumination correction", "data"} == differs
+    assert table.loc["epochs", "this run"] == "resnet50 5, inception_v3 7, inception_resnet_v2 5"
+    assert table.loc["momentum", "this run"] == table.loc["momentum", "paper"] == "0.9"
+
+
+# ----------------------------------------------------------------- conformal, correlated groups
+
+def _grouped(rng, n_compounds, crops, k=4, spread=1.5):
+    """Compounds whose crops share a compound-level shift of their scores (strongly correlated within a
+    compound), as crops of one compound are; treatments are compound x 2 concentrations."""
+    rows = []
+    for c in range(n_compounds):
+        label = c % k
+        shift = rng.normal(0, spread, k)                     # the compound's own bias, shared by its crops
+        for concentration in (1.0, 3.0):
+            for r in range(crops):
+                logits = shift + rng.normal(0, 0.7, k)
+                logits[label] += 1.0
+                p = np.exp(logits) / np.exp(logits).sum()
+                rows.append((f"c{c}", concentration, 1 + r % 3, f"c{c}-{concentration}-{r}", "ABCD"[label], *p))
+    frame = pd.DataFrame(rows, columns=["compound", "concentration", "replicate", "crop_id", "true",
+                                        *[f"p_{x}" for x in "ABCD"]])
+    return frame.assign(fold=frame["compound"])
+
+
+@pytest.mark.parametrize("level", ["crop", "treatment"])
+def test_cross_conformal_coverage_holds_for_new_compounds(level):
+    """Calibrated on the other folds' held-out compounds, coverage of a new compound's crops or treatments
+    is 1 - significance within the sampling error of compounds (the unit that is exchangeable)."""
+    rng = np.random.default_rng(3)
+    held_out = _grouped(rng, n_compounds=240, crops=6)
+    table = evaluate.cross_conformal(held_out, [0.1, 0.2], level).query("`class` == 'all'")
+    for row in table.itertuples():
+        tolerance = 3 * np.sqrt(row.significance * (1 - row.significance) / 240) + 0.02
+        assert abs(row.coverage - (1 - row.significance)) <= tolerance, row
+        assert row.level == level
+
+
+def test_empty_histories_do_not_break_the_learning_curves(tmp_path):
+    evaluate.plot_learning_curves({("net", "published"): [pd.DataFrame(columns=["epoch", "test_accuracy"])]},
+                                  tmp_path / "curves.png", "title")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,90 +1,108 @@
 # Cross-validated evaluation per dataset, and the figures of the Snakemake report.
 
 
-rule evaluate_bbbc021:
-    input:
-        runs=[f"{run}/run.json" for run in training_runs("bbbc021")],
-        folds="results/bbbc021/folds.tsv",
-    output:
-        summary="results/bbbc021/evaluation/summary.json",
-        settings="results/bbbc021/evaluation/settings.json",
-        accuracy=report(
-            "results/bbbc021/evaluation/accuracy.csv",
-            caption="../report/accuracy.rst",
-            category="Evaluation",
-            subcategory="Summary",
-        ),
-        deviations=report(
-            "results/bbbc021/evaluation/deviations.csv",
-            caption="../report/deviations.rst",
-            category="Evaluation",
-            subcategory="Summary",
-        ),
-        misclassified=report(
-            "results/bbbc021/evaluation/misclassified_treatments.csv",
-            caption="../report/misclassified.rst",
-            category="Evaluation",
-            subcategory="Summary",
-        ),
-        recall="results/bbbc021/evaluation/per_moa_recall.csv",
-        treatment_confusion=[
-            report(
-                f"results/bbbc021/evaluation/confusion_treatment_{a}_{i}.png",
-                caption="../report/confusion.rst",
+# One evaluation rule per MoA dataset (the study's BBBC021 and every crops dataset): their figures differ
+# in number (architectures x initialisations), which one rule's outputs could not.
+for _dataset in MOA_DATASETS:
+
+    rule:
+        name:
+            f"evaluate_{_dataset}"
+        input:
+            jobs=training_jobs(_dataset),
+            folds=f"results/{_dataset}/folds.tsv",
+            data_receipt=[verified(BBBC021_IMAGE_CSV)] if _dataset == "bbbc021" else [],
+        output:
+            summary=f"results/{_dataset}/evaluation/summary.json",
+            accuracy=report(
+                f"results/{_dataset}/evaluation/accuracy.csv",
+                caption="../report/accuracy.rst",
                 category="Evaluation",
-                subcategory="Treatment-level confusion",
-                labels={"architecture": a, "init": i},
-            )
-            for a in trained_architectures("bbbc021")
-            for i in INITS
-        ],
-        image_confusion=[
-            report(
-                f"results/bbbc021/evaluation/confusion_image_{a}_{i}.png",
-                caption="../report/confusion.rst",
+                subcategory=f"Summary ({_dataset})",
+            ),
+            misclassified=report(
+                f"results/{_dataset}/evaluation/misclassified_treatments.csv",
+                caption="../report/misclassified.rst",
                 category="Evaluation",
-                subcategory="Image-level confusion",
-                labels={"architecture": a, "init": i},
-            )
-            for a in trained_architectures("bbbc021")
-            for i in INITS
-        ],
-        curves=report(
-            "results/bbbc021/evaluation/learning_curves.png",
-            caption="../report/learning_curves.rst",
-            category="Training",
-        ),
-        conformal=report(
-            "results/bbbc021/evaluation/conformal.csv",
-            caption="../report/conformal.rst",
-            category="Uncertainty",
-        ),
-    params:
-        architectures=trained_architectures("bbbc021"),
-        inits=list(INITS),
-        seeds=TRAIN["seeds"],
-        significance=config["evaluation"]["significance_levels"],
-        # only what the deviations table reads: other settings must not retrigger evaluation
-        settings=lambda wc: json.dumps(deviation_settings(), default=str),
-    log:
-        "results/logs/evaluation/bbbc021.log",
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    threads: 1
-    conda:
-        "../../envs/moaflow.yaml"
-    shell:
-        "printf '%s' {params.settings:q} > {output.settings:q} 2> {log:q};"
-        " moaflow evaluate bbbc021 --models-dir results/bbbc021/models --folds {input.folds:q}"
-        " --architectures {params.architectures:q} --inits {params.inits:q} --seeds {params.seeds:q}"
-        " --significance {params.significance:q} --settings {output.settings:q}"
-        " --out-dir results/bbbc021/evaluation 2>> {log:q}"
+                subcategory=f"Summary ({_dataset})",
+            ),
+            recall=f"results/{_dataset}/evaluation/per_moa_recall.csv",
+            treatment_confusion=[
+                report(
+                    f"results/{_dataset}/evaluation/confusion_treatment_{a}_{i}.png",
+                    caption="../report/confusion.rst",
+                    category="Evaluation",
+                    subcategory=f"Treatment-level confusion ({_dataset})",
+                    labels={"architecture": a, "init": i},
+                )
+                for a in trained_architectures(_dataset)
+                for i in INITS
+            ],
+            image_confusion=[
+                report(
+                    f"results/{_dataset}/evaluation/confusion_image_{a}_{i}.png",
+                    caption="../report/confusion.rst",
+                    category="Evaluation",
+                    subcategory=f"Image-level confusion ({_dataset})",
+                    labels={"architecture": a, "init": i},
+                )
+                for a in trained_architectures(_dataset)
+                for i in INITS
+            ],
+            curves=report(
+                f"results/{_dataset}/evaluation/learning_curves.png",
+                caption="../report/learning_curves.rst",
+                category="Training",
+                labels={"dataset": _dataset},
+            ),
+            conformal=report(
+                f"results/{_dataset}/evaluation/conformal.csv",
+                caption="../report/conformal.rst",
+                category="Uncertainty",
+                labels={"dataset": _dataset},
+            ),
+            **_study_outputs(_dataset),
+        params:
+            dataset=_dataset,
+            architectures=trained_architectures(_dataset),
+            inits=list(INITS),
+            seeds=TRAIN["seeds"],
+            significance=config["evaluation"]["significance_levels"],
+            # only what the deviations table reads: other settings must not retrigger evaluation
+            settings=json.dumps(deviation_settings(), default=str, sort_keys=True)
+            if _dataset == "bbbc021"
+            else "",
+            extra=(
+                "--settings results/bbbc021/evaluation/settings.json --data-receipt "
+                + shlex.quote(verified(BBBC021_IMAGE_CSV))
+                + (
+                    f" --published {PUBLISHED_PREDICTIONS}"
+                    if config["evaluation"]["published_predictions"]
+                    else ""
+                )
+                if _dataset == "bbbc021"
+                else ""
+            ),
+        log:
+            f"results/logs/evaluation/{_dataset}.log",
+        resources:
+            mem_mb=4000,
+            runtime=30,
+        threads: 1
+        conda:
+            "../../envs/moaflow.yaml"
+        shell:
+            "if [ -n {params.settings:q} ]; then printf '%s' {params.settings:q}"
+            " > results/{params.dataset}/evaluation/settings.json; fi 2> {log:q};"
+            " moaflow evaluate {params.dataset:q} --models-dir results/{params.dataset}/models"
+            " --folds {input.folds:q} --architectures {params.architectures:q} --inits {params.inits:q}"
+            " --seeds {params.seeds:q} --significance {params.significance:q} {params.extra}"
+            " --out-dir results/{params.dataset}/evaluation 2>> {log:q}"
 
 
 rule evaluate_bbbc014:
     input:
-        runs=[f"{run}/run.json" for run in training_runs("bbbc014")],
+        jobs=training_jobs("bbbc014"),
         folds="results/bbbc014/folds.tsv",
     output:
         summary="results/bbbc014/evaluation/summary.json",
