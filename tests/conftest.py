@@ -20,6 +20,19 @@ from moaflow.study import BBBC021_PLATES_BY_WEEK
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("MOAFLOW_REFERENCE", REPO.parent / "shared" / "reference"))
+#: Real BBBC021 crops (the course lab's subset); tests that need them are skipped, saying why, without them.
+LAB_SUBSET = Path(os.environ.get("MOAFLOW_LAB_SUBSET", REPO.parent / "shared" / "real" / "bbbc021_lab_subset"))
+needs_real_cells = pytest.mark.skipif(not (LAB_SUBSET / "labels.csv").is_file(),
+                                      reason=f"real cells not found at {LAB_SUBSET} (set MOAFLOW_LAB_SUBSET)")
+LAB_COLUMNS = {k: k for k in ("compound", "concentration", "moa", "plate", "well", "replicate")}
+
+
+def lab_table():
+    from moaflow.image_table import crops_table
+
+    return crops_table(LAB_SUBSET / "images", LAB_SUBSET / "labels.csv", columns=LAB_COLUMNS,
+                       filename="bbbc021v1_{index}.png", separator=";", batch_pattern="^(Week[0-9]+)_",
+                       log=lambda _: None)
 BIN = Path(sys.executable).parent
 
 #: A stand-in small enough for seconds-long tests, with every structural feature of the real one.

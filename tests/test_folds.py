@@ -4,7 +4,7 @@ import pytest
 from moaflow import folds, standin
 from moaflow.image_table import bbbc021_image_table
 
-from .conftest import REFERENCE, REPO
+from .conftest import REFERENCE, REPO, lab_table, needs_real_cells
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,19 @@ def test_cell_line_folds():
 def test_slug():
     assert folds.slug("mevinolin/lovastatin") == "mevinolin-lovastatin"
     assert folds.slug("proteasome inhibitor I") == "proteasome-inhibitor-i"
+
+
+@needs_real_cells
+def test_lab_subset_folds_leave_one_compound_out_and_a_split_grouped_by_field():
+    table = lab_table()
+    loco = folds.dataset_folds(table, variant="loco", validation_compounds=1)
+    assert len(loco) == 18
+    folds.check_folds(loco, table)
+    split = folds.dataset_folds(table, variant="random_field", fraction=0.25, seed=3)
+    folds.check_folds(split, table)
+    parts = folds.split(table, split.iloc[0].to_dict())
+    train_fields = set(table.iloc[parts["train"]]["field"])
+    test_fields = set(table.iloc[parts["test"]]["field"])
+    assert not train_fields & test_fields                    # no field on both sides
+    assert abs(len(test_fields) - 0.25 * 165) <= 6 and len(parts["train"]) + len(parts["test"]) == 660
+    assert set(table.iloc[parts["test"]]["moa"]) == set(table["moa"])   # stratified: every MoA held out

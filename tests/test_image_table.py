@@ -4,7 +4,7 @@ import pytest
 from moaflow.image_table import MetadataError, bbbc014_image_table, bbbc021_image_table
 from moaflow.io import write_table
 
-from .conftest import REFERENCE
+from .conftest import REFERENCE, lab_table, needs_real_cells
 
 IMAGE_CSV = REFERENCE / "bbbc021" / "BBBC021_v1_image.csv"
 MOA_CSV = REFERENCE / "bbbc021" / "BBBC021_v1_moa.csv"
@@ -136,3 +136,31 @@ def test_unannotated_and_taxol_fields_are_counted_in_the_log():
                    for c, x in zip(images["Image_Metadata_Compound"], images["Image_Metadata_Concentration"]))
     assert unannotated.split(": ", 1)[1].startswith(f"{expected} fields")
     assert any("taxol fields" in line for line in lines)
+
+
+# ----------------------------------------------------------------- crops datasets (real cells)
+
+@needs_real_cells
+def test_the_lab_subset_table_has_its_published_counts():
+    table = lab_table()
+    assert len(table) == 660 and table["compound"].nunique() == 18 and table["treatment"].nunique() == 55
+    assert table["moa"].nunique() == 6 and table["field"].nunique() == 165
+    assert table.groupby("field").size().eq(4).all()          # four crops per field
+    assert set(table["batch"]) <= {f"Week{i}" for i in range(1, 11)}
+    assert table["source"].str.endswith(".png").all()
+
+
+def test_crops_table_errors_name_the_problem(tmp_path):
+    from moaflow.image_table import crops_table
+
+    (tmp_path / "images").mkdir()
+    pd.DataFrame({"compound": ["a"], "concentration": [1], "moa": ["m"], "plate": ["Week1_1"], "well": ["B02"],
+                  "replicate": [1]}).to_csv(tmp_path / "meta.csv", index=False)
+    columns = {k: k for k in ("compound", "concentration", "moa", "plate", "well", "replicate")}
+    with pytest.raises(MetadataError, match=r"1 of 1 crop files are missing.*x_0.png"):
+        crops_table(tmp_path / "images", tmp_path / "meta.csv", columns=columns, filename="x_{index}.png")
+    with pytest.raises(MetadataError, match=r"cannot be filled.*'nope'"):
+        crops_table(tmp_path / "images", tmp_path / "meta.csv", columns=columns, filename="{nope}.png")
+    with pytest.raises(MetadataError, match=r"missing \['moa'\]"):
+        crops_table(tmp_path / "images", tmp_path / "meta.csv", columns={k: v for k, v in columns.items()
+                                                                         if k != "moa"}, filename="x.png")

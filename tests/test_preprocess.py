@@ -13,7 +13,7 @@ from moaflow.errors import VerificationError
 from moaflow.image_table import bbbc014_image_table
 from moaflow.io import write_table
 
-from .conftest import direct_study
+from .conftest import direct_study, lab_table, needs_real_cells
 
 
 def test_plate_crops_equal_the_original_pipeline(small_plate):
@@ -167,3 +167,21 @@ def test_bbbc014_mismatched_channels_are_named(wells, tmp_path):
     row["path_fitc"] = str(small)
     with pytest.raises(VerificationError, match="small.bmp"):
         preprocess.preprocess_bbbc014(row, sizes=[8])
+
+
+@needs_real_cells
+def test_the_lab_subset_store_is_its_pngs_resized_by_opencv():
+    table = lab_table().head(12)
+    arrays, index = preprocess.preprocess_crops(table, sizes=[64, 256])
+    assert arrays[64].shape == (12, 64, 64, 3) and list(index["crop_id"]) == list(range(12))
+    first = np.asarray(Image.open(table["source"].iloc[0]).convert("RGB"))
+    assert np.array_equal(arrays[256][0], first)             # 256 -> 256: the file as it is
+    assert np.array_equal(arrays[64][0], cv2.resize(first, (64, 64), interpolation=cv2.INTER_AREA))
+
+
+def test_a_crop_of_another_size_is_named(tmp_path):
+    for i, side in enumerate((16, 16, 12)):
+        Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(tmp_path / f"c{i}.png")
+    table = pd.DataFrame({"source": [str(tmp_path / f"c{i}.png") for i in range(3)]})
+    with pytest.raises(VerificationError, match=r"c2.png: size \(12, 12\)"):
+        preprocess.preprocess_crops(table, sizes=[8])

@@ -7,7 +7,8 @@ A folds table has one row per fold:
 ``group_column``
     The index column that defines groups (``compound`` or ``cell_line``).
 ``test_group``
-    The held-out group: its crops are the test set.
+    The held-out group: its crops are the test set (``;``-separated groups for a
+    random split, which holds out many fields at once).
 ``validation_groups``
     ``;``-separated groups drawn from the training groups (empty reproduces the
     paper, which had no validation set).
@@ -114,6 +115,36 @@ def leave_one_compound_out(
     return folds
 
 
+def random_field_split(index: pd.DataFrame, *, fraction: float = 0.25, seed: int = 0) -> pd.DataFrame:
+    """The course lab's random hold-out, grouped by field: about ``fraction`` of each MoA's fields are
+    held out whole, so crops of one field never straddle training and test (one fold, "random-split").
+
+    Unlike leave-one-compound-out, the held-out compounds were also seen in training: the accuracy says
+    how well fields of known compounds are recognised, not new compounds.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction {fraction!r}: expected between 0 and 1")
+    rng = np.random.default_rng(seed)
+    held_out = []
+    for _, fields in index.drop_duplicates("field").groupby("moa")["field"]:
+        chosen = rng.permutation(sorted(fields))
+        held_out.extend(chosen[: max(1, int(round(fraction * len(chosen))))])
+    return pd.DataFrame([{"fold": "random-split", "group_column": "field", "test_group": ";".join(sorted(held_out)),
+                          "validation_groups": "", "excluded_batches": ""}], columns=FOLD_COLUMNS)
+
+
+def dataset_folds(index: pd.DataFrame, *, variant: str = "loco", validation_compounds: int = 0, seed: int = 0,
+                  fraction: float = 0.25) -> pd.DataFrame:
+    """The folds of a crops dataset: ``loco`` (leave one compound out), ``nscb`` (and its batches) or
+    ``random_field`` (`random_field_split`)."""
+    if variant in ("loco", "nscb"):
+        return leave_one_compound_out(index, n_validation=validation_compounds, seed=seed,
+                                      variant="nsc" if variant == "loco" else "nscb")
+    if variant == "random_field":
+        return random_field_split(index, fraction=fraction, seed=seed)
+    raise ValueError(f"folds variant {variant!r}: expected loco, nscb or random_field")
+
+
 def leave_one_cell_line_out(index: pd.DataFrame) -> pd.DataFrame:
     """BBBC014: two folds, each training on one cell line and testing on the other."""
     lines = sorted(index["cell_line"].unique())
@@ -145,10 +176,10 @@ def split(index: pd.DataFrame, fold: dict) -> dict[str, np.ndarray]:
         ``train``, ``validation`` and ``test`` integer arrays (positions in ``index``).
     """
     column = fold["group_column"]
-    groups = index[column].to_numpy()
+    groups = index[column].astype(str).to_numpy()
     validation = [g for g in fold["validation_groups"].split(";") if g]
     excluded = [b for b in fold["excluded_batches"].split(";") if b]
-    test = groups == fold["test_group"]
+    test = np.isin(groups, [g for g in str(fold["test_group"]).split(";") if g])
     if not test.any():
         raise ValueError(f"fold {fold['fold']}: no crops of {column} {fold['test_group']!r} in the index")
     is_validation = np.isin(groups, validation)
@@ -163,9 +194,13 @@ def check_folds(folds: pd.DataFrame, index: pd.DataFrame) -> None:
     if folds.empty:
         raise ValueError("the folds file has no folds")
     column = folds["group_column"].iloc[0]
-    groups = set(index[column].unique())
-    tested = list(folds["test_group"])
-    if sorted(tested) != sorted(groups):
+    groups = set(index[column].astype(str).unique())
+    tested = [g for value in folds["test_group"] for g in str(value).split(";") if g]
+    if column == "field":   # a random split holds out some fields once
+        if len(tested) != len(set(tested)) or not set(tested) <= groups:
+            raise ValueError("the random split's test fields are repeated or not in the index "
+                             "(regenerate with `moaflow folds`)")
+    elif sorted(tested) != sorted(groups):
         raise ValueError(f"folds test {sorted(set(tested) ^ groups)} differently from the index's {column}s: "
                          f"each must be tested exactly once (regenerate with `moaflow folds`)")
     for _, fold in folds.iterrows():
@@ -177,12 +212,15 @@ def check_folds(folds: pd.DataFrame, index: pd.DataFrame) -> None:
 
 def write_dataset_folds(dataset: str, output: str | os.PathLike, *, index: str | os.PathLike | None = None,
                         image_csv: str | os.PathLike | None = None, moa_csv: str | os.PathLike | None = None,
-                        validation_compounds: int = 0, seed: int = 0, variant: str = "nsc",
-                        log=stderr) -> pd.DataFrame:
+                        validation_compounds: int = 0, seed: int = 0, variant: str = "loco",
+                        fraction: float = 0.25, log=stderr) -> pd.DataFrame:
     """Write the folds of a dataset: leave one compound out (BBBC021, from the crop index or straight
-    from the Broad's metadata), or one cell line (BBBC014)."""
+    from the Broad's metadata), one cell line (BBBC014), or `dataset_folds` of a crops dataset."""
     if dataset == "bbbc014":
         table = leave_one_cell_line_out(pd.read_parquet(index))
+    elif dataset == "crops":
+        table = dataset_folds(pd.read_parquet(index), variant=variant, validation_compounds=validation_compounds,
+                              seed=seed, fraction=fraction)
     else:
         if image_csv:   # before anything is downloaded: the Broad's metadata is enough
             from moaflow.image_table import bbbc021_image_table
@@ -193,7 +231,7 @@ def write_dataset_folds(dataset: str, output: str | os.PathLike, *, index: str |
         else:
             raise ValueError("folds: give --index, or --image-csv with --moa-csv")
         table = leave_one_compound_out(frame[frame["moa"] != "DMSO"], n_validation=validation_compounds,
-                                       seed=seed, variant=variant)
+                                       seed=seed, variant="nscb" if variant == "nscb" else "nsc")
     write_folds(table, output)
     log(f"{len(table)} folds written to {output}")
     return table

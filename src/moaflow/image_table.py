@@ -259,3 +259,93 @@ def write_bbbc014_table(image_root, output, *, settings: dict, log: Callable[[st
     log(f"{len(table)} wells, {int((table['label'] >= 0).sum())} labelled")
     write_table(table, output)
     return table
+
+
+# ------------------------------------------------------------------ pre-cropped image sets
+
+#: The metadata a crops dataset maps (``crops.<name>.columns``); site and batch are optional.
+CROPS_REQUIRED = ("compound", "concentration", "moa", "plate", "well", "replicate")
+CROPS_OPTIONAL = ("site", "batch")
+
+
+def crops_table(images: str | os.PathLike, metadata: str | os.PathLike, *, columns: dict[str, str],
+                filename: str, separator: str = ",", batch_pattern: str | None = None,
+                log: Callable[[str], None] = stderr) -> pd.DataFrame:
+    """One row per crop of a pre-cropped image set (PNG or TIFF files) with its metadata.
+
+    Parameters
+    ----------
+    images : path
+        Folder of the crop files.
+    metadata : path
+        Table with one row per crop.
+    columns : dict
+        Our name (`CROPS_REQUIRED`, and optionally ``site``/``batch``) -> the metadata's column.
+    filename : str
+        The crop's file name as a format string over the metadata's columns (by their own names) and
+        ``index`` (the row's position), e.g. ``"bbbc021v1_{index}.png"`` or ``"{file}"``.
+    separator : str
+        The metadata's field separator.
+    batch_pattern : str, optional
+        A regular expression whose first group, applied to the plate name, is the batch
+        (``"^(Week[0-9]+)_"``) when no batch column is mapped.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        ``plate, batch, well, site, replicate, compound, concentration, moa, treatment, image_number,
+        field, source``; ``field`` (plate/well/site) groups the crops of one field of view.
+
+    Raises
+    ------
+    MetadataError
+        Missing columns or files, a file named twice, a batch pattern that does not match.
+    """
+    unknown = sorted(set(columns) - set(CROPS_REQUIRED) - set(CROPS_OPTIONAL))
+    missing_keys = [k for k in CROPS_REQUIRED if k not in columns]
+    if unknown or missing_keys:
+        raise MetadataError(f"{metadata}: the columns mapping needs {list(CROPS_REQUIRED)} (optional "
+                            f"{list(CROPS_OPTIONAL)}); unknown {unknown}, missing {missing_keys}")
+    frame = _read_csv(metadata, list(columns.values()), sep=separator)
+    try:
+        names = [filename.format(index=i, **row) for i, row in enumerate(frame.to_dict("records"))]
+    except (KeyError, IndexError, ValueError) as exc:
+        raise MetadataError(f"{metadata}: file name pattern {filename!r} cannot be filled from its columns "
+                            f"({type(exc).__name__}: {exc}); columns are {list(frame.columns)} and 'index'") from None
+    table = pd.DataFrame({key: frame[column].to_numpy() for key, column in columns.items()})
+    table["concentration"] = table["concentration"].astype(float)
+    table["site"] = table["site"].astype(int) if "site" in table else 1
+    if "batch" not in table:
+        if batch_pattern:
+            batch = table["plate"].astype(str).str.extract(batch_pattern, expand=False)
+            if batch.isna().any():
+                bad = table.loc[batch.isna(), "plate"].iloc[0]
+                raise MetadataError(f"{metadata}: plate {bad!r} does not match batch_pattern {batch_pattern!r}")
+            table["batch"] = batch
+        else:
+            table["batch"] = "all"
+    table["source"] = [str(Path(images) / name) for name in names]
+    absent = [p for p in table["source"] if not Path(p).is_file()]
+    if absent:
+        raise MetadataError(f"{metadata}: {len(absent)} of {len(table)} crop files are missing, e.g. {absent[:3]}")
+    _duplicates(table, ["source"], metadata, "the crop file")
+    table["field"] = table["plate"].astype(str) + "/" + table["well"].astype(str) + "/" + table["site"].astype(str)
+    table["image_number"] = pd.factorize(table["field"])[0]
+    table["treatment"] = table["compound"] + "_" + table["concentration"].map("{:g}".format)
+    log(f"{metadata}: {len(table)} crops, {table['field'].nunique()} fields, {table['compound'].nunique()} compounds, "
+        f"{table['treatment'].nunique()} treatments, {table['moa'].nunique()} MoAs, "
+        f"{table['batch'].nunique()} batches")
+    order = ["plate", "batch", "well", "site", "replicate", "compound", "concentration", "moa", "treatment",
+             "image_number", "field", "source"]
+    return table[order]
+
+
+def write_crops_table(settings: dict, output, log: Callable[[str], None] = stderr) -> pd.DataFrame:
+    """`crops_table` from the config's ``crops.<name>`` section, written to ``output``."""
+    from moaflow.io import write_table
+
+    table = crops_table(settings["images"], settings["metadata"], columns=settings["columns"],
+                        filename=settings["filename"], separator=settings.get("separator", ","),
+                        batch_pattern=settings.get("batch_pattern"), log=log)
+    write_table(table, output)
+    return table

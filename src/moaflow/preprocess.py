@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import tifffile
 
 from moaflow import crops, images, normalise
 from moaflow.errors import MetadataError, VerificationError
@@ -196,4 +197,65 @@ def preprocess_bbbc014_files(table: str | os.PathLike, output_dir: str | os.Path
     for size, array in arrays.items():
         write_array(array, out / f"{size}.npy")
     index.insert(0, "crop_id", range(len(index)))
+    write_table(index, out / "index.parquet")
+
+
+def read_crop(path: str | os.PathLike) -> np.ndarray:
+    """One pre-cropped RGB image (PNG, or a 3-channel TIFF) as (rows, columns, 3) uint8."""
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        try:
+            image = tifffile.imread(path)
+        except Exception as exc:  # tifffile raises several types for damaged files
+            raise VerificationError(f"{path}: cannot read TIFF ({type(exc).__name__}: {exc})") from exc
+    else:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as opened:
+                if opened.mode not in ("RGB", "RGBA"):
+                    raise VerificationError(f"{path}: image mode {opened.mode}, expected 8-bit RGB")
+                image = np.asarray(opened.convert("RGB"))
+        except VerificationError:
+            raise
+        except Exception as exc:  # PIL raises several types for damaged files
+            raise VerificationError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise VerificationError(f"{path}: shape {image.shape} and type {image.dtype}, expected (rows, columns, 3) uint8")
+    return image
+
+
+def preprocess_crops(table: pd.DataFrame, *, sizes: list[int], log: Callable[[str], None] | None = None
+                     ) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
+    """A pre-cropped set resized (OpenCV INTER_AREA, as the study) to each square size, in table order.
+
+    Every crop must have the size of the first; channels stay as stored in the files.
+    """
+    log = log or (lambda _: None)
+    arrays = {size: np.empty((len(table), size, size, 3), np.uint8) for size in sizes}
+    shape = None
+    step = max(1, len(table) // 10)
+    for n, path in enumerate(table["source"]):
+        image = read_crop(path)
+        if shape is None:
+            shape = image.shape
+        elif image.shape != shape:
+            raise VerificationError(f"{path}: size {image.shape[:2]}, the set's first crop has {shape[:2]}")
+        for size in sizes:
+            arrays[size][n] = crops.resize_area(image, size)
+        if (n + 1) % step == 0 or n + 1 == len(table):
+            log(f"{n + 1}/{len(table)} crops read and resized to {sizes}")
+    index = table.reset_index(drop=True).copy()
+    index.insert(0, "crop_id", np.arange(len(index)))
+    index["crop"] = 0
+    return arrays, index
+
+
+def preprocess_crops_files(table: str | os.PathLike, output_dir: str | os.PathLike, *, sizes: list[int],
+                           log=stderr) -> None:
+    """`preprocess_crops` from the crops table to ``<output_dir>/<size>.npy`` and ``index.parquet``."""
+    arrays, index = preprocess_crops(pd.read_parquet(table), sizes=sizes, log=log)
+    out = Path(output_dir)
+    for size, array in arrays.items():
+        write_array(array, out / f"{size}.npy")
     write_table(index, out / "index.parquet")
