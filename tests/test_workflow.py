@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import re
 import socket
 import subprocess
@@ -93,9 +94,14 @@ def test_evaluation_and_report(demo):
     assert (workdir / "results" / "bbbc014" / "evaluation" / "well_accuracy.csv").is_file()
     report = (workdir / "results" / "report.html").read_text(errors="replace")
     for figure in ("learning_curves.png", "confusion_treatment_resnet50_random.png", "conformal.csv",
-                   "Uncertainty", "QC"):
+                   "confusion_treatment_resnet50_published.png", "Uncertainty", "QC", "This run:"):
         assert figure in report, figure
     assert "report:" in result.stdout
+    published = accuracy.query("source == 'published predictions' and level == 'treatment'")
+    assert published.set_index("architecture")["accuracy_percent"].round(2).to_dict() == {
+        "resnet50": 97.09, "inception_v3": 97.09, "inception_resnet_v2": 95.15}
+    conformal = pd.read_csv(workdir / "results" / "bbbc021" / "evaluation" / "conformal.csv")
+    assert set(conformal["level"]) == {"crop", "treatment"}
 
 
 def test_second_run_does_nothing(demo):
@@ -166,3 +172,94 @@ def test_config_values_never_reach_a_shell(tmp_path, server, standin_dir):
     run_snakemake(tmp_path, config, "--until", "bbbc014_image_table")
     assert not marker.exists() and not (tmp_path / "pwned").exists()
     assert len(pd.read_parquet(tmp_path / "results" / "bbbc014" / "images.parquet")) == 96
+
+
+def test_imagenet_weights_are_fetched_once_and_training_only_reads_them(tmp_path, server, standin_dir):
+    """fetch_weights downloads each architecture's notop file once (hash-checked); the training job reads it."""
+    files = {"resnet50": "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"}
+    digests = standin.write_weights(tmp_path / "wsrc", files, seed=3, log=lambda _: None)
+    config = pipeline_config(server.url, standin_dir, tmp_path)
+    config["datasets"] = ["bbbc021"]
+    config["training"]["initialisations"] = [{"name": "imagenet", "weights": "imagenet"}]
+    target = "results/bbbc021/models/resnet50/imagenet/seed-0/jobs/part-01-of-01.json"
+    with StandinServer(tmp_path / "wsrc" / "www") as weights_server:
+        config["weights"] = {"base_urls": [weights_server.url + "weights/"], "files": files,
+                             "published_files": {files["resnet50"]: {"md5": "0" * 32}}}
+        wrong = run_snakemake(tmp_path, config, "--until", "fetch_weights", check=False)
+        assert wrong.returncode != 0
+        assert "MD5" in (tmp_path / "results" / "logs" / "download" / "weights_resnet50.log").read_text()
+        config["weights"]["published_files"] = {files["resnet50"]: {"md5": digests[files["resnet50"]]}}
+        result = run_snakemake(tmp_path, config, target)
+        gets = [p for method, p, _ in weights_server.requests if method == "GET" and p.endswith(".h5")]
+    assert "localrule fetch_weights" in result.stdout + result.stderr
+    assert len(gets) == 2            # once refused (wrong MD5), once accepted; training fetched nothing
+    run = json.loads(next((tmp_path / "results" / "bbbc021" / "models" / "resnet50" / "imagenet").rglob(
+        "run.json")).read_text())
+    assert run["weights"] == "results/weights/resnet50_notop.h5"
+    log = next((tmp_path / "results" / "logs" / "training").rglob("*.log")).read_text()
+    assert "http" not in log
+
+
+def test_slurm_profile_runs_downloads_and_weights_on_the_submit_host(tmp_path):
+    """The dry run of the real study through the SLURM profile: fetching jobs are local, the rest submitted."""
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    profile["default-resources"].update(slurm_account="test", slurm_partition="cpu")
+    profile["set-resources"]["train"]["slurm_partition"] = "gpu"
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
+    result = subprocess.run([str(BIN / "snakemake"), "-n", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+                             "--configfile", str(REPO / "config" / "config.yaml"),
+                             "--profile", str(tmp_path / "profile")], capture_output=True, text=True,
+                            env=dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    local = re.search(r"Run on the submit host \(localrules\): (.*)", output).group(1).split(", ")
+    assert {"download_bbbc021_plate", "download_bbbc021_metadata", "download_bbbc014_file", "fetch_weights"} <= set(local)
+    assert not {"train", "extract_bbbc021_plate", "preprocess_bbbc021_plate"} & set(local)
+    assert "rule train:" in output and "rule fetch_weights:" in output
+
+
+MODULE_SNAKEFILE = """configfile: "config.yaml"
+
+
+module moaflow:
+    snakefile:
+        "{snakefile}"
+    config:
+        config
+
+
+use rule * from moaflow
+"""
+
+
+def test_the_real_config_dry_runs_from_another_directory_and_as_a_module(tmp_path):
+    """Shipped files (folds, schemas, captions, scripts, envs) are found through the workflow's own location."""
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    scratch = tmp_path / "scratch"
+    (scratch / "config").mkdir(parents=True)
+    (scratch / "config" / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
+    elsewhere = subprocess.run([str(BIN / "snakemake"), "-n", "-s", str(REPO / "Snakefile"), "--directory",
+                                str(scratch)], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
+    assert re.search(r"^train\s+30$", elsewhere.stdout, re.MULTILINE), elsewhere.stdout[-2000:]
+    deployed = tmp_path / "deployed"
+    deployed.mkdir()
+    (deployed / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
+    (deployed / "Snakefile").write_text(MODULE_SNAKEFILE.format(snakefile=REPO / "Snakefile"))
+    module = subprocess.run([str(BIN / "snakemake"), "-n"], cwd=deployed, capture_output=True, text=True, env=env)
+    assert module.returncode == 0, module.stderr[-3000:]
+    assert re.search(r"^train\s+30$", module.stdout, re.MULTILINE)
+
+
+def test_the_standin_runs_as_a_deployed_module(tmp_path, server, standin_dir):
+    config = pipeline_config(server.url, standin_dir, tmp_path)
+    config["datasets"] = ["bbbc021"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "Snakefile").write_text(MODULE_SNAKEFILE.format(snakefile=REPO / "Snakefile"))
+    result = subprocess.run([str(BIN / "snakemake"), "--cores", "2"], cwd=tmp_path, capture_output=True, text=True,
+                            env=dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "results" / "bbbc021" / "evaluation" / "summary.json").read_text())
+    assert set(summary["accuracy"]["resnet50/random"]) == {"crop", "image", "treatment"}
+    assert (tmp_path / "results" / "mlflow" / "runs.json").is_file()

@@ -80,8 +80,10 @@ def _table(a):
     if a.dataset == "bbbc021":
         image_table.write_bbbc021_table(a.image_csv, a.moa_csv, a.image_root, a.output, plates=a.plates,
                                         taxol_rule=not a.no_taxol_rule)
-    else:
+    elif a.dataset == "bbbc014":
         image_table.write_bbbc014_table(a.image_root, a.output, settings=a.settings)
+    else:
+        image_table.write_crops_table(a.settings, a.output)
 
 
 def _illumination(a):
@@ -116,7 +118,14 @@ def _folds(a):
     from moaflow import folds
 
     folds.write_dataset_folds(a.dataset, a.output, index=a.index, image_csv=a.image_csv, moa_csv=a.moa_csv,
-                              validation_compounds=a.validation_compounds, seed=a.seed, variant=a.variant)
+                              validation_compounds=a.validation_compounds, seed=a.seed, variant=a.variant,
+                              fraction=a.fraction)
+
+
+def _preprocess_crops(a):
+    from moaflow import preprocess
+
+    preprocess.preprocess_crops_files(a.table, a.output_dir, sizes=a.sizes)
 
 
 def _check_folds(a):
@@ -126,20 +135,37 @@ def _check_folds(a):
 
 
 def _train(a):
-    from moaflow import train
+    # Before Keras loads: GPU memory is taken as needed (two local jobs can share a GPU), and a job
+    # declared CPU-only (--gpus 0) does not touch a GPU at all.
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if a.gpus == 0:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from moaflow import study, train
 
-    hyper = train.hyperparameters(a.preset, a.architecture, a.hyperparameters or {})
-    train.train_fold(a.store, a.index, a.folds, a.fold, architecture=a.architecture, weights=a.weights,
-                     hyper=hyper, seed=a.seed, out_dir=a.out_dir, checkpoint_dir=a.checkpoint_dir,
-                     dataset=a.dataset, init=a.init)
+    hyper = study.hyperparameters(a.preset, a.architecture, a.hyperparameters or {})
+    train.train_job(a.store, a.index, a.folds, a.fold, architecture=a.architecture, weights=a.weights, hyper=hyper,
+                    seed=a.seed, models_dir=a.models_dir, checkpoints_dir=a.checkpoints_dir, dataset=a.dataset,
+                    init=a.init, gpus=a.gpus or 0, allow_cpu=a.allow_cpu or a.gpus is None,
+                    load_into_memory={"auto": "auto", "true": True, "false": False}[a.load_into_memory],
+                    checkpoint_minutes=a.checkpoint_minutes, receipt=a.receipt,
+                    tracking={"uri": a.tracking_uri, "experiment": a.experiment, "parent_file": a.mlflow_parent})
 
 
 def _evaluate(a):
     from moaflow import evaluate
 
+    if a.predictions:
+        evaluate.evaluate_external(a.predictions, a.out_dir)
+        return
+    missing = [f"--{n.replace('_', '-')}" for n in ("models_dir", "folds", "architectures", "inits")
+               if not getattr(a, n)]
+    if missing:
+        raise ValueError(f"evaluate: give --predictions, or {' '.join(missing)}")
     evaluate.evaluate_dataset(a.dataset, a.models_dir, a.folds, a.architectures, a.inits, a.out_dir,
                               seeds=a.seeds, significances=a.significance,
-                              settings=json.load(open(a.settings)) if a.settings else None)
+                              settings=json.load(open(a.settings)) if a.settings else None,
+                              data_receipt=a.data_receipt, published=a.published)
 
 
 def _track(a):
@@ -147,7 +173,30 @@ def _track(a):
 
     tracking.track(a.run_dirs, a.output, tracking_uri=a.tracking_uri, experiment=a.experiment,
                    config_hash=a.config_hash, summaries=a.summaries or [], artifacts=a.artifacts or [],
-                   log_models=not a.no_models)
+                   parent_file=a.parent_file, log_models=not a.no_models)
+
+
+def _pairs(text: str) -> tuple[str, str]:
+    name, _, value = text.partition("=")
+    if not value:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE")
+    return name, value
+
+
+def _profile(a):
+    from moaflow import profiling
+
+    profiling.profile_dataset(a.dataset, a.models_root, a.folds, a.index, dict(a.store), a.architectures, a.inits,
+                              a.out_dir, seed=a.seed, imagenet_weights=dict(a.imagenet_weights or []),
+                              statistic=a.statistic, normalisation=a.normalisation)
+
+
+def _interpret(a):
+    from moaflow import interpretation
+    from moaflow.feeder import open_store
+
+    interpretation.interpret_run(a.models_dir, open_store(a.store), a.output, architecture=a.architecture,
+                                 per_class=a.per_class, grid=a.grid)
 
 
 def _bench_preprocess(a):
@@ -159,7 +208,12 @@ def _bench_preprocess(a):
 def _bench_training(a):
     from moaflow import bench
 
-    bench.bench_training(a.store_dir, a.sizes, steps=a.steps, batch_size=a.batch_size, workers=a.workers)
+    if a.feeder:
+        bench.bench_feeder(batch_size=a.batch_size)
+    if a.architectures:
+        sizes = {name: {"resnet50": 224}.get(name, 299) for name in a.architectures}
+        rows = bench.bench_training(a.out, sizes, batch_size=a.batch_size, precision=a.precision, epochs=a.epochs)
+        bench.estimate_study(rows, folds_per_job=a.folds_per_job)
 
 
 def _demo(a):
@@ -223,14 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--member-root", required=True)
             p.add_argument("--expected-images", type=int, required=True)
 
-    p = command("table", _table, "build the per-field image table of a dataset")
-    p.add_argument("dataset", choices=["bbbc021", "bbbc014"])
+    p = command("table", _table, "build the per-field (per-crop for a crops dataset) image table of a dataset")
+    p.add_argument("dataset", choices=["bbbc021", "bbbc014", "crops"])
     p.add_argument("--image-root", required=True, help="folder of extracted images")
     p.add_argument("--image-csv")
     p.add_argument("--moa-csv")
     p.add_argument("--plates", nargs="+")
     p.add_argument("--no-taxol-rule", action="store_true")
-    p.add_argument("--settings", type=_json, help="bbbc014: the config's bbbc014 section as JSON")
+    p.add_argument("--settings", type=_json, help="bbbc014 / crops: the config's section as JSON")
     p.add_argument("--output", required=True, help=".parquet or .csv")
 
     p = command("illumination", _illumination, "illumination functions of one BBBC021 plate (all its fields)")
@@ -267,13 +321,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="min-max scale each crop (the original) or the whole well")
     p.add_argument("--output-dir", required=True)
 
-    p = command("folds", _folds, "write a folds file (leave one compound / cell line out)")
-    p.add_argument("dataset", choices=["bbbc021", "bbbc014"])
+    p = command("preprocess-crops", _preprocess_crops, "resize a pre-cropped image set into the crop store")
+    p.add_argument("--table", required=True, help="from `moaflow table crops`")
+    p.add_argument("--sizes", type=int, nargs="+", required=True)
+    p.add_argument("--output-dir", required=True)
+
+    p = command("folds", _folds, "write a folds file (leave one compound / cell line out, or a random field split)")
+    p.add_argument("dataset", choices=["bbbc021", "bbbc014", "crops"])
     p.add_argument("--index", help="crop or image table (parquet)")
     p.add_argument("--image-csv", help="bbbc021: build from the Broad's metadata instead of --index")
     p.add_argument("--moa-csv")
     p.add_argument("--validation-compounds", type=int, default=0)
-    p.add_argument("--variant", choices=["nsc", "nscb"], default="nsc")
+    p.add_argument("--variant", choices=["loco", "nscb", "random_field"], default="loco",
+                   help="leave one compound out, also its batches (nscb), or the lab's random split by field")
+    p.add_argument("--fraction", type=float, default=0.25, help="random_field: the fields held out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True)
 
@@ -282,27 +343,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True)
     p.add_argument("--output", required=True)
 
-    p = command("train", _train, "train one architecture on one fold (resumes from its checkpoint)")
+    from moaflow.study import PRESETS, hyperparameter_help
+
+    p = command("train", _train, "train one architecture on one or more folds (one compilation; resumable)")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = "hyper-parameters (--hyperparameters JSON keys):\n" + hyperparameter_help()
     p.add_argument("--store", required=True, help="crops .npy at the architecture's input size")
     p.add_argument("--index", required=True)
-    p.add_argument("--folds", required=True)
-    p.add_argument("--fold", required=True)
+    p.add_argument("--folds", required=True, help="the folds file")
+    p.add_argument("--fold", nargs="+", required=True, help="fold name(s) to train, one after the other")
     p.add_argument("--architecture", required=True)
-    p.add_argument("--weights", default="none", help="none, or a notop weights file")
-    p.add_argument("--preset", default="final")
-    p.add_argument("--hyperparameters", type=_json, help="JSON overrides of the preset")
+    p.add_argument("--weights", default="none", help="none, or a notop weights file (rule fetch_weights)")
+    p.add_argument("--preset", default="final", choices=sorted(PRESETS))
+    p.add_argument("--hyperparameters", type=_json, help="JSON overrides of the preset (keys below)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dataset", default="")
     p.add_argument("--init", default="", help="the initialisation's name (recorded for tracking)")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--checkpoint-dir", required=True)
+    p.add_argument("--models-dir", required=True, help="each fold's outputs go to MODELS_DIR/<fold>/")
+    p.add_argument("--checkpoints-dir", required=True, help="per-fold checkpoints (removed when a fold is done)")
+    p.add_argument("--gpus", type=int, help="GPUs this job was given: >= 1 stops at once when none is visible, "
+                   "0 hides GPUs (default: use what is visible)")
+    p.add_argument("--allow-cpu", action="store_true", help="with --gpus >= 1: train on the CPU if no GPU is visible")
+    p.add_argument("--load-into-memory", choices=["auto", "true", "false"], default="auto",
+                   help="read the store into RAM (auto: when it needs at most half the available memory)")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                   help="checkpoint a fold at most this often (0: every epoch)")
+    p.add_argument("--receipt", help="write the job's summary here (the workflow's output)")
+    p.add_argument("--tracking-uri", help="MLflow store; $MLFLOW_TRACKING_URI wins. A server (http/https) is "
+                   "logged to live, epoch by epoch")
+    p.add_argument("--experiment", default="moaflow", help="MLflow experiment (live logging)")
+    p.add_argument("--mlflow-parent", help="the study's parent run (results/mlflow/parent.json), for live logging")
 
-    p = command("evaluate", _evaluate, "cross-validated evaluation of a dataset's trained folds")
-    p.add_argument("dataset", choices=["bbbc021", "bbbc014"])
-    p.add_argument("--models-dir", required=True)
-    p.add_argument("--folds", required=True)
-    p.add_argument("--architectures", nargs="+", required=True)
-    p.add_argument("--inits", nargs="+", required=True)
+    p = command("evaluate", _evaluate, "cross-validated evaluation of a dataset's trained folds, or of a "
+                "predictions table (--predictions)")
+    p.add_argument("dataset", help="bbbc021, bbbc014 (translocation), or a crops dataset's name (MoA)")
+    p.add_argument("--predictions", help="evaluate this table (CSV/parquet; crop, image or treatment rows, "
+                   "the level named by its columns) instead of trained folds")
+    p.add_argument("--models-dir")
+    p.add_argument("--folds")
+    p.add_argument("--architectures", nargs="+")
+    p.add_argument("--inits", nargs="+")
+    p.add_argument("--data-receipt", help="the image table's download receipt (is the data the Broad's?)")
+    p.add_argument("--published", help="the authors' predictions, shown beside the run's")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--significance", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--settings", help="JSON file of the run's resolved settings (for the deviations table)")
@@ -317,19 +399,46 @@ def build_parser() -> argparse.ArgumentParser:
                    "numbers become the parent run's metrics")
     p.add_argument("--artifacts", nargs="*", help="files for the parent run (figures, summaries)")
     p.add_argument("--no-models", action="store_true", help="do not copy model files into MLflow")
+    p.add_argument("--parent-file", help="the live-logging parent run to complete (results/mlflow/parent.json)")
+    p.add_argument("--output", required=True)
+
+    p = command("profile", _profile, "treatment profiles from the trained folds (and ImageNet features), "
+                "NSC/NSCB 1-nearest-neighbour accuracy, literature table, profile map")
+    p.add_argument("dataset")
+    p.add_argument("--models-root", required=True, help="results/<dataset>/models")
+    p.add_argument("--folds", required=True)
+    p.add_argument("--index", required=True)
+    p.add_argument("--store", type=_pairs, nargs="+", required=True, help="ARCHITECTURE=crop store .npy")
+    p.add_argument("--architectures", nargs="+", required=True)
+    p.add_argument("--inits", nargs="+", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--imagenet-weights", type=_pairs, nargs="*", help="ARCHITECTURE=notop weights file: adds "
+                   "the 'ImageNet features, no training' source")
+    p.add_argument("--statistic", choices=["mean", "median"], default="mean")
+    p.add_argument("--normalisation", choices=["none", "standardize"], default="none")
+    p.add_argument("--out-dir", required=True)
+
+    p = command("interpret", _interpret, "occlusion maps of a few held-out crops per MoA (one figure)")
+    p.add_argument("--models-dir", required=True, help="results/<dataset>/models/<architecture>/<init>/seed-<n>")
+    p.add_argument("--store", required=True)
+    p.add_argument("--architecture", required=True)
+    p.add_argument("--per-class", type=int, default=2)
+    p.add_argument("--grid", type=int, default=8)
     p.add_argument("--output", required=True)
 
     p = command("bench-preprocess", _bench_preprocess, "benchmark: preprocessing vs bare TIFF read+decode")
     p.add_argument("--out", default="results/bench/preprocess", help="where the full-size stand-in goes")
     p.add_argument("--repeats", type=int, default=2)
 
-    p = command("bench-training", _bench_training, "benchmark: training images/s from the store vs in-memory data")
-    p.add_argument("--store-dir", default="results/bbbc021/crops")
-    p.add_argument("--sizes", type=_json, default={"resnet50": 224, "inception_v3": 299, "inception_resnet_v2": 299},
-                   help="JSON architecture -> input size (an existing <size>.npy in --store-dir)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=4)
+    p = command("bench-training", _bench_training, "benchmark: the feeder alone, and the train job vs a bare "
+                "model.fit on the same backend and precision, with a GPU-hours estimate of the study")
+    p.add_argument("--feeder", action="store_true", help="time the feeder alone (224 and 299 px, one core)")
+    p.add_argument("--architectures", nargs="*", default=[], help="train-job benchmark for these (needs a GPU to mean much)")
+    p.add_argument("--out", default="results/bench/training", help="synthetic study-shaped stores go here")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--precision", default="mixed_bfloat16", choices=["float32", "mixed_float16", "mixed_bfloat16"])
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--folds-per-job", type=int, default=10, help="for the estimate")
 
     p = command("demo", _demo, "serve a generated stand-in on 127.0.0.1 and run the pipeline on it")
     p.add_argument("--configfile", default="config/demo.yaml", help="run from the repository root")
