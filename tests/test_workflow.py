@@ -102,6 +102,13 @@ def test_evaluation_and_report(demo):
         "resnet50": 97.09, "inception_v3": 97.09, "inception_resnet_v2": 95.15}
     conformal = pd.read_csv(workdir / "results" / "bbbc021" / "evaluation" / "conformal.csv")
     assert set(conformal["level"]) == {"crop", "treatment"}
+    # profiling beside the literature, the profile map and the occlusion maps, in the report's Interpretation
+    scores = pd.read_csv(workdir / "results" / "bbbc021" / "profiling" / "nsc_nscb.csv")
+    assert set(scores["score"]) == {"NSC", "NSCB"} and set(scores["source"]) == {"resnet50/random"}
+    literature = pd.read_csv(workdir / "results" / "bbbc021" / "profiling" / "literature.csv")
+    assert "WS-DINO" in set(literature["method"]) and literature["method"].str.startswith("this run").any()
+    for name in ("Interpretation", "profile_map.png", "resnet50_random.png", "literature.csv"):
+        assert name in report, name
 
 
 def test_second_run_does_nothing(demo):

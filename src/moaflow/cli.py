@@ -149,7 +149,8 @@ def _train(a):
                     init=a.init, gpus=a.gpus or 0, allow_cpu=a.allow_cpu or a.gpus is None,
                     load_into_memory={"auto": "auto", "true": True, "false": False}[a.load_into_memory],
                     checkpoint_minutes=a.checkpoint_minutes, receipt=a.receipt,
-                    tracking={"uri": a.tracking_uri, "experiment": a.experiment, "parent_file": a.mlflow_parent})
+                    tracking={"uri": a.tracking_uri, "experiment": a.experiment, "parent_file": a.mlflow_parent},
+                    occlusion={"examples": a.occlusion_examples, "grid": a.occlusion_grid})
 
 
 def _evaluate(a):
@@ -196,7 +197,7 @@ def _interpret(a):
     from moaflow.feeder import open_store
 
     interpretation.interpret_run(a.models_dir, open_store(a.store), a.output, architecture=a.architecture,
-                                 per_class=a.per_class, grid=a.grid)
+                                 per_class=a.per_class)
 
 
 def _bench_preprocess(a):
@@ -373,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "logged to live, epoch by epoch")
     p.add_argument("--experiment", default="moaflow", help="MLflow experiment (live logging)")
     p.add_argument("--mlflow-parent", help="the study's parent run (results/mlflow/parent.json), for live logging")
+    p.add_argument("--occlusion-examples", type=int, default=0, help="occlusion maps of this many held-out crops "
+                   "per fold (the report's interpretation)")
+    p.add_argument("--occlusion-grid", type=int, default=8)
 
     p = command("evaluate", _evaluate, "cross-validated evaluation of a dataset's trained folds, or of a "
                 "predictions table (--predictions)")
@@ -418,12 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalisation", choices=["none", "standardize"], default="none")
     p.add_argument("--out-dir", required=True)
 
-    p = command("interpret", _interpret, "occlusion maps of a few held-out crops per MoA (one figure)")
+    p = command("interpret", _interpret, "figure of the occlusion maps the training jobs computed (a few "
+                "held-out crops per MoA)")
     p.add_argument("--models-dir", required=True, help="results/<dataset>/models/<architecture>/<init>/seed-<n>")
     p.add_argument("--store", required=True)
     p.add_argument("--architecture", required=True)
     p.add_argument("--per-class", type=int, default=2)
-    p.add_argument("--grid", type=int, default=8)
     p.add_argument("--output", required=True)
 
     p = command("bench-preprocess", _bench_preprocess, "benchmark: preprocessing vs bare TIFF read+decode")

@@ -333,6 +333,9 @@ def evaluate_bbbc021(models_dir, folds: pd.DataFrame, architectures: list[str], 
             ensemble.setdefault(init, []).append(test)
             key = f"{architecture}/{init}"
             summary[key] = {}
+            first_run = Path(models_dir) / architecture / init / f"seed-{seeds[0]}" / fold_names[0] / "run.json"
+            selection = (json.loads(first_run.read_text()).get("hyperparameters", {}).get("model_selection", "last")
+                         if first_run.is_file() else "")
             for level in LEVELS:
                 frame = aggregate(test, level)
                 values = [accuracy(aggregate(runs[seed][0], level)) for seed in seeds]
@@ -340,6 +343,7 @@ def evaluate_bbbc021(models_dir, folds: pd.DataFrame, architectures: list[str], 
                              "accuracy_percent": 100 * v} for seed, v in zip(seeds, values)]
                 summary[key][level] = float(np.mean(values))
                 rows.append({"source": "this run", "architecture": architecture, "init": init, "level": level,
+                             "model_selection": selection,
                              "n": len(frame), "seeds": len(seeds), "accuracy_percent": 100 * float(np.mean(values)),
                              "sd_percent": 100 * float(np.std(values, ddof=1)) if len(values) > 1 else None,
                              "paper_percent": PAPER_TREATMENT_ACCURACY.get(architecture)

@@ -18,18 +18,30 @@ from moaflow.io import save_figure
 from moaflow.logs import stderr
 
 
-def occlusion_maps(model, images: np.ndarray, classes: np.ndarray, *, grid: int = 8, batch_size: int = 64
-                   ) -> np.ndarray:
-    """Occlusion sensitivity of ``images`` (N, S, S, 3) uint8 for ``classes`` (N,): (N, grid, grid) drops in
-    class probability when each of ``grid`` x ``grid`` patches is set to 0 (larger = more important)."""
+def occlude(images: np.ndarray, grid: int = 8) -> np.ndarray:
+    """Every image with each of ``grid`` x ``grid`` patches set to 0: (N * grid * grid, S, S, 3)."""
     n, size = len(images), images.shape[1]
     edges = np.linspace(0, size, grid + 1).astype(int)
-    baseline = model.predict(images, batch_size=batch_size, verbose=0)[np.arange(n), classes]
     occluded = np.repeat(images[:, None], grid * grid, axis=1)   # (N, grid*grid, S, S, 3)
     for k in range(grid * grid):
         r, c = divmod(k, grid)
         occluded[:, k, edges[r]:edges[r + 1], edges[c]:edges[c + 1]] = 0
-    probabilities = model.predict(occluded.reshape(-1, *images.shape[1:]), batch_size=batch_size, verbose=0)
+    return occluded.reshape(-1, *images.shape[1:])
+
+
+def occlusion_maps(predict, images: np.ndarray, classes: np.ndarray, *, grid: int = 8) -> np.ndarray:
+    """Occlusion sensitivity of ``images`` (N, S, S, 3) uint8 for ``classes`` (N,): (N, grid, grid) drops in
+    class probability when each patch is set to 0 (larger = more important).
+
+    ``predict`` maps a uint8 image array to class probabilities (a Keras model's ``predict``, or the
+    training job's compiled one).
+    """
+    n = len(images)
+    if hasattr(predict, "predict"):
+        model = predict
+        predict = lambda x: model.predict(x, verbose=0)   # noqa: E731
+    baseline = np.asarray(predict(images))[np.arange(n), classes]
+    probabilities = np.asarray(predict(occlude(images, grid)))
     per_patch = probabilities.reshape(n, grid * grid, -1)[np.arange(n), :, classes]
     return (baseline[:, None] - per_patch).reshape(n, grid, grid)
 
@@ -75,23 +87,21 @@ def plot_maps(images: np.ndarray, maps: np.ndarray, labels: list[str], path, tit
 
 
 def interpret_run(models_dir: str | os.PathLike, store, path, *, architecture: str, per_class: int = 2,
-                  grid: int = 8, log=stderr) -> None:
-    """Occlusion maps of a few held-out crops per MoA, each with the model of the fold that held it out."""
-    from moaflow.models import load_model
-
+                  log=stderr) -> None:
+    """Occlusion maps of a few held-out crops per MoA, as the training job computed them with the model of
+    the fold that held each crop out (``test_occlusion.npz``), in one figure."""
     models_dir = Path(models_dir)
-    predictions = pd.concat([pd.read_parquet(p) for p in sorted(models_dir.glob("*/test_predictions.parquet"))],
-                            ignore_index=True)
-    examples = pick_examples(predictions, per_class)
-    classes = [c[2:] for c in predictions.columns if c.startswith("p_")]
-    images, maps, labels = [], [], []
-    for fold, group in examples.groupby("fold", sort=False):
-        model = load_model(models_dir / fold / "model.keras")
-        crops = np.asarray(store[group["crop_id"].to_numpy()])
-        targets = np.array([classes.index(t) for t in group["true"]])
-        images.append(crops)
-        maps.append(occlusion_maps(model, crops, targets, grid=grid))
-        labels += [f"{t}\n{c} {k:g}" for t, c, k in zip(group["true"], group["compound"], group["concentration"])]
-    plot_maps(np.concatenate(images), np.concatenate(maps), labels, path,
-              f"{architecture}: where held-out crops' true MoA is read (occlusion of {grid}x{grid} patches)")
+    folds = sorted(p.parent for p in models_dir.glob("*/test_occlusion.npz"))
+    if not folds:
+        raise FileNotFoundError(f"{models_dir}: no test_occlusion.npz in any fold (profiling.examples_per_moa)")
+    predictions = pd.concat([pd.read_parquet(f / "test_predictions.parquet") for f in folds], ignore_index=True)
+    maps = {}
+    for folder in folds:
+        with np.load(folder / "test_occlusion.npz") as data:
+            maps.update(zip(data["crop_id"].tolist(), data["maps"]))
+    examples = pick_examples(predictions[predictions["crop_id"].isin(list(maps))], per_class)
+    labels = [f"{t}\n{c} {k:g}" for t, c, k in zip(examples["true"], examples["compound"], examples["concentration"])]
+    crop_ids = examples["crop_id"].to_numpy()
+    plot_maps(np.asarray(store[crop_ids]), np.stack([maps[i] for i in crop_ids]), labels, path,
+              f"{architecture}: where held-out crops' true MoA is read (occlusion maps)")
     log(f"occlusion maps of {len(labels)} held-out crops -> {path}")

@@ -8,7 +8,8 @@ result does not depend on how folds were grouped into jobs.
 Each fold writes its outputs atomically into its own folder (``run.json``
 last): ``model.keras`` (inference model, no optimizer state, loads in plain
 Keras), ``history.tsv``, ``test_predictions.parquet``,
-``validation_predictions.parquet``, ``test_embeddings.npy`` (the held-out crops' pooled features, for profiling). A fold whose ``run.json`` carries the
+``validation_predictions.parquet``, ``test_embeddings.npy`` (the held-out crops' pooled features, for profiling)
+and ``test_occlusion.npz`` (occlusion maps of a few of them). A fold whose ``run.json`` carries the
 same fingerprint (settings, data and code) is kept when a job reruns; a fold
 killed mid-way resumes from its last checkpoint (model, optimizer, augmentation
 state and history) under ``checkpoints/``, written at most every
@@ -252,6 +253,7 @@ def train_job(
     checkpoint_minutes: float = 10.0,
     receipt: str | os.PathLike | None = None,
     tracking: dict | None = None,
+    occlusion: dict | None = None,
     log: Callable[[str], None] = stderr,
 ) -> dict:
     """Train ``fold_names`` one after the other with one compiled model.
@@ -285,6 +287,9 @@ def train_job(
     tracking : dict, optional
         ``uri``, ``experiment`` and ``parent_file``: with a tracking server each fold is logged live
         (`moaflow.tracking.LiveRun`).
+    occlusion : dict, optional
+        ``examples`` and ``grid``: occlusion maps of that many held-out crops per fold
+        (``test_occlusion.npz``, for the report's interpretation).
 
     Returns
     -------
@@ -343,6 +348,7 @@ def train_job(
                 run = _train_fold(trainer, index, labels, classes, fold_row, hyper=hyper, seed=seed,
                                   out_dir=models_dir / fold, checkpoint_dir=checkpoints_dir / fold,
                                   checkpoint_minutes=checkpoint_minutes, log=log, tracking=tracking,
+                                  occlusion=occlusion,
                                   record={"dataset": dataset, "init": init, "architecture": architecture,
                                           "weights": weights, "seed": seed, "fingerprint": print_,
                                           "index_path": str(index_path), **device})
@@ -357,7 +363,7 @@ def train_job(
 
 def _train_fold(trainer: _Trainer, index: pd.DataFrame, labels: np.ndarray, classes: list[str], fold_row: dict, *,
                 hyper: dict, seed: int, out_dir: Path, checkpoint_dir: Path, checkpoint_minutes: float,
-                record: dict, log, tracking: dict | None = None) -> dict:
+                record: dict, log, tracking: dict | None = None, occlusion: dict | None = None) -> dict:
     import keras
 
     from moaflow.feeder import CropBatches, class_weights, predict
@@ -486,6 +492,7 @@ def _train_fold(trainer: _Trainer, index: pd.DataFrame, labels: np.ndarray, clas
             return None
         return float(np.mean(frame[[f"p_{c}" for c in classes]].to_numpy().argmax(1) == labels[parts[name]]))
 
+    from moaflow.interpretation import occlusion_maps
     from moaflow.models import inference_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -495,6 +502,14 @@ def _train_fold(trainer: _Trainer, index: pd.DataFrame, labels: np.ndarray, clas
     # that trained on it. Rows follow test_predictions.parquet.
     write_array(predict(trainer.features, store, parts["test"], hyper["batch_size"]).astype(np.float32),
                 out_dir / "test_embeddings.npy")
+    if occlusion and occlusion["examples"] and len(parts["test"]):
+        # Occlusion maps of a few held-out crops (the report's interpretation), with the model still in memory.
+        rows = parts["test"][:: max(1, len(parts["test"]) // occlusion["examples"])][: occlusion["examples"]]
+        images = np.asarray(store[rows])
+        targets = labels[rows] if head == "softmax" else np.zeros(len(rows), int)   # sigmoid: p(positive)
+        maps = occlusion_maps(lambda x: _padded_predict(model, x, hyper["batch_size"]), images, targets,
+                              grid=occlusion["grid"])
+        np.savez(out_dir / "test_occlusion.npz", crop_id=index["crop_id"].to_numpy()[rows], maps=maps)
     for name, frame in frames.items():
         write_table(frame, out_dir / f"{name}_predictions.parquet")
     write_table(pd.DataFrame(history), out_dir / "history.tsv")
@@ -511,6 +526,12 @@ def _train_fold(trainer: _Trainer, index: pd.DataFrame, labels: np.ndarray, clas
     log(f"done: held-out accuracy {run['test_accuracy'] if run['test_accuracy'] is None else round(run['test_accuracy'], 3)}"
         f" ({chosen}) after {len(history)} epochs, {run['images_per_second'] or 0:,.0f} images/s")
     return run
+
+
+def _padded_predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    from moaflow.feeder import predict
+
+    return predict(model, images, np.arange(len(images)), batch_size)
 
 
 def finish_fold(out_dir: Path, checkpoint_dir: Path, run: dict) -> None:

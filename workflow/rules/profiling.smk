@@ -45,7 +45,7 @@ for _dataset in MOA_DATASETS if PROFILING["enabled"] else []:
         resources:
             mem_mb=8000,
             runtime=120,
-        threads: 2
+        threads: 1
         conda:
             "../../envs/moaflow.yaml"
         shell:
@@ -80,16 +80,15 @@ for _dataset in MOA_DATASETS if PROFILING["enabled"] else []:
                     models=lambda wc, input: os.path.dirname(os.path.dirname(input.jobs[0])),
                     architecture=_architecture,
                     per_class=PROFILING["examples_per_moa"],
-                    grid=PROFILING["occlusion_grid"],
                 log:
                     f"results/logs/interpretation/{_dataset}_{_architecture}_{_init}.log",
                 resources:
-                    mem_mb=4000,
-                    runtime=60,
-                threads: 2
+                    mem_mb=2000,
+                    runtime=10,
+                threads: 1
                 conda:
                     "../../envs/moaflow.yaml"
                 shell:
                     "moaflow --threads {threads} interpret --models-dir {params.models:q} --store {input.store:q}"
                     " --architecture {params.architecture:q} --per-class {params.per_class:q}"
-                    " --grid {params.grid:q} --output {output:q} 2> {log:q}"
+                    " --output {output:q} 2> {log:q}"

@@ -79,6 +79,12 @@ rule train:
         checkpoint_minutes=TRAIN["checkpoint_minutes"],
         tracking_uri=config["tracking"]["uri"],
         experiment=config["tracking"]["experiment"],
+        occlusion_examples=lambda wc: (
+            config["profiling"]["examples_per_moa"]
+            if config["profiling"]["enabled"] and wc.dataset in MOA_DATASETS
+            else 0
+        ),
+        occlusion_grid=config["profiling"]["occlusion_grid"],
     log:
         "results/logs/training/{dataset}/{architecture}/{init}/seed-{seed}/{chunk}.log",
     resources:
@@ -97,7 +103,8 @@ rule train:
         " --gpus {resources.gpu} {params.allow_cpu} --load-into-memory {params.load_into_memory:q}"
         " --checkpoint-minutes {params.checkpoint_minutes:q} --models-dir {params.models_dir:q}"
         " --checkpoints-dir {params.checkpoints:q} --receipt {output:q} --tracking-uri {params.tracking_uri:q}"
-        " --experiment {params.experiment:q} --mlflow-parent results/mlflow/parent.json 2> {log:q}"
+        " --experiment {params.experiment:q} --mlflow-parent results/mlflow/parent.json"
+        " --occlusion-examples {params.occlusion_examples:q} --occlusion-grid {params.occlusion_grid:q} 2> {log:q}"
 
 
 rule track_mlflow:
