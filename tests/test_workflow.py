@@ -15,7 +15,7 @@ import yaml
 from moaflow import standin
 from moaflow.serve import StandinServer
 
-from .conftest import BIN, REPO, TINY_BBBC021, pipeline_config, run_snakemake
+from .conftest import BIN, LAB_SUBSET, REPO, TINY_BBBC021, needs_real_cells, pipeline_config, run_snakemake
 
 
 def test_lint_has_no_findings():
@@ -270,3 +270,21 @@ def test_the_standin_runs_as_a_deployed_module(tmp_path, server, standin_dir):
     summary = json.loads((tmp_path / "results" / "bbbc021" / "evaluation" / "summary.json").read_text())
     assert set(summary["accuracy"]["resnet50/random"]) == {"crop", "image", "treatment"}
     assert (tmp_path / "results" / "mlflow" / "runs.json").is_file()
+
+
+@needs_real_cells
+def test_the_lab_subset_config_dry_runs(tmp_path):
+    """The README's real-cells command: one training job per seed, then evaluation, profiling and the report."""
+    config = yaml.safe_load((REPO / "config" / "lab_subset.yaml").read_text())
+    config["crops"]["lab_subset"].update(images=str(LAB_SUBSET / "images"), metadata=str(LAB_SUBSET / "labels.csv"))
+    alone = run_snakemake(tmp_path, config, "-n", check=False)      # without the base config it layers on
+    message = alone.stdout + alone.stderr
+    assert alone.returncode != 0 and "no 'bbbc021' section" in message and "config/config.yaml" in message
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
+    result = run_snakemake(tmp_path, config, "-n")
+    seeds = config["training"]["seeds"]
+    assert len(seeds) == 3
+    assert re.search(rf"^train\s+{len(seeds)}$", result.stdout, re.MULTILINE), result.stdout[-3000:]
+    for rule in ("evaluate_lab_subset", "profile_lab_subset", "track_mlflow"):
+        assert re.search(rf"^{rule}\s+1$", result.stdout, re.MULTILINE), (rule, result.stdout[-3000:])

@@ -21,6 +21,14 @@ min_version("9.0")
 
 # Fills in schema defaults, and stops with the offending key named on a wrong type or unknown key.
 validate(config, schema="../schemas/config.schema.yaml")
+# The shipped config/config.yaml is the base that --configfile files are layered on; the rules read its
+# dataset sections even when a run trains only on a crops dataset.
+for _section in ("bbbc021", "bbbc014"):
+    if _section not in config:
+        raise ValueError(
+            f"config: no {_section!r} section. The Snakefile reads config/config.yaml from the working directory "
+            f"({os.getcwd()}) and layers --configfile files on top; copy moaflow's config/config.yaml there "
+            "(README: 'From scratch space')")
 # Hyper-parameter overrides against their one source, moaflow's own schema (no defaults filled: the preset decides).
 for _dataset in ("bbbc021", "bbbc014"):
     if _dataset in config["training"]:
