@@ -16,6 +16,7 @@ import pandas as pd
 
 from moaflow.io import save_figure
 from moaflow.logs import stderr
+from moaflow.study import BBBC021_STORED_ORDER
 
 
 def occlude(images: np.ndarray, grid: int = 8) -> np.ndarray:
@@ -61,7 +62,7 @@ def pick_examples(predictions: pd.DataFrame, per_class: int = 3, seed: int = 0) 
 
 
 def plot_maps(images: np.ndarray, maps: np.ndarray, labels: list[str], path, title: str,
-              channel_names=("Actin", "Tubulin", "DAPI")) -> None:
+              channel_names=BBBC021_STORED_ORDER) -> None:
     """Per crop: its three channels and the occlusion map over the crop."""
     import matplotlib
 
