@@ -352,7 +352,8 @@ def evaluate_bbbc021(models_dir, folds: pd.DataFrame, architectures: list[str], 
                     matrix = confusion(frame, classes)
                     matrix.to_csv(out_dir / f"confusion_{level}_{architecture}_{init}.csv")
                     plot_confusion(matrix, out_dir / f"confusion_{level}_{architecture}_{init}.png",
-                                   f"{architecture} ({init}), {level} level, all folds")
+                                   f"{architecture} ({init}), {level} level, all folds"
+                                   + (f", seed {seeds[0]} of {len(seeds)}" if len(seeds) > 1 else ""))
                 if level == "treatment":
                     misclassified += _misclassified(frame, source="this run", architecture=architecture, init=init)
                     per_moa += [{"architecture": architecture, "init": init, "moa": m, "recall": v}
