@@ -24,3 +24,17 @@ def test_the_map_peaks_where_the_class_is_decided():
         heat = interpretation.occlusion_maps(model, image, np.array([quadrant]), grid=4)[0]
         peak = np.unravel_index(heat.argmax(), heat.shape)
         assert (peak[0] // 2, peak[1] // 2) == (r, c), (quadrant, heat)
+
+
+def test_the_figure_names_the_channels_it_is_given(tmp_path, monkeypatch):
+    """A crops dataset's channels are named from its config, not assumed to be BBBC021's."""
+    titles = []
+    monkeypatch.setattr(interpretation, "save_figure",
+                        lambda fig, path, dpi: titles.extend(a.get_title() for a in fig.axes))
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    interpretation.plot_maps(images, np.zeros((2, 8, 8)), ["a", "b"], tmp_path / "f.png", "t",
+                             ["red", "green", "blue"])
+    assert titles[:3] == ["red", "green", "blue"] and "DAPI" not in titles
+    titles.clear()
+    interpretation.plot_maps(images, np.zeros((2, 8, 8)), ["a", "b"], tmp_path / "f.png", "t")
+    assert titles[:3] == ["Actin", "Tubulin", "DAPI"]           # BBBC021's stored order by default

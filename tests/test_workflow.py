@@ -282,7 +282,8 @@ def test_the_lab_subset_config_dry_runs(tmp_path):
     assert alone.returncode != 0 and "no 'bbbc021' section" in message and "config/config.yaml" in message
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
-    result = run_snakemake(tmp_path, config, "-n")
+    result = run_snakemake(tmp_path, config, "-n", "-p")
+    assert "--channels 'channel 1,channel 2,channel 3'" in result.stdout    # not BBBC021's names for these files
     seeds = config["training"]["seeds"]
     assert len(seeds) == 3
     assert re.search(rf"^train\s+{len(seeds)}$", result.stdout, re.MULTILINE), result.stdout[-3000:]

@@ -14,6 +14,7 @@ import os
 import sys
 
 from moaflow.logs import USER_ERRORS
+from moaflow.study import BBBC021_STORED_ORDER
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -197,7 +198,7 @@ def _interpret(a):
     from moaflow.feeder import open_store
 
     interpretation.interpret_run(a.models_dir, open_store(a.store), a.output, architecture=a.architecture,
-                                 per_class=a.per_class)
+                                 per_class=a.per_class, channel_names=a.channels.split(","))
 
 
 def _bench_preprocess(a):
@@ -428,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     p.add_argument("--architecture", required=True)
     p.add_argument("--per-class", type=int, default=2)
+    p.add_argument("--channels", default=",".join(BBBC021_STORED_ORDER),
+                   help="the store's three channels in order, comma-separated (default: BBBC021's stored order)")
     p.add_argument("--output", required=True)
 
     p = command("bench-preprocess", _bench_preprocess, "benchmark: preprocessing vs bare TIFF read+decode")

@@ -88,7 +88,7 @@ def plot_maps(images: np.ndarray, maps: np.ndarray, labels: list[str], path, tit
 
 
 def interpret_run(models_dir: str | os.PathLike, store, path, *, architecture: str, per_class: int = 2,
-                  log=stderr) -> None:
+                  channel_names=BBBC021_STORED_ORDER, log=stderr) -> None:
     """Occlusion maps of a few held-out crops per MoA, as the training job computed them with the model of
     the fold that held each crop out (``test_occlusion.npz``), in one figure."""
     models_dir = Path(models_dir)
@@ -104,5 +104,5 @@ def interpret_run(models_dir: str | os.PathLike, store, path, *, architecture: s
     labels = [f"{t}\n{c} {k:g}" for t, c, k in zip(examples["true"], examples["compound"], examples["concentration"])]
     crop_ids = examples["crop_id"].to_numpy()
     plot_maps(np.asarray(store[crop_ids]), np.stack([maps[i] for i in crop_ids]), labels, path,
-              f"{architecture}: where held-out crops' true MoA is read (occlusion maps)")
+              f"{architecture}: where held-out crops' true MoA is read (occlusion maps)", channel_names)
     log(f"occlusion maps of {len(labels)} held-out crops -> {path}")

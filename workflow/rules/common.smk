@@ -12,6 +12,7 @@ from moaflow.folds import dataset_folds
 from moaflow.image_table import crops_table
 from moaflow.study import (
     BBBC021_CHANNELS,
+    BBBC021_STORED_ORDER,
     architecture_settings,
     hyperparameter_schema_path,
     resolve_plates,

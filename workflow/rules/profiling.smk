@@ -80,6 +80,7 @@ for _dataset in MOA_DATASETS if PROFILING["enabled"] else []:
                     models=lambda wc, input: os.path.dirname(os.path.dirname(input.jobs[0])),
                     architecture=_architecture,
                     per_class=PROFILING["examples_per_moa"],
+                    channels=",".join(CROPS[_dataset]["channels"] if _dataset in CROPS else BBBC021_STORED_ORDER),
                 log:
                     f"results/logs/interpretation/{_dataset}_{_architecture}_{_init}.log",
                 resources:
@@ -91,4 +92,4 @@ for _dataset in MOA_DATASETS if PROFILING["enabled"] else []:
                 shell:
                     "moaflow --threads {threads} interpret --models-dir {params.models:q} --store {input.store:q}"
                     " --architecture {params.architecture:q} --per-class {params.per_class:q}"
-                    " --output {output:q} 2> {log:q}"
+                    " --channels {params.channels:q} --output {output:q} 2> {log:q}"
