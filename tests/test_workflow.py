@@ -289,3 +289,17 @@ def test_the_lab_subset_config_dry_runs(tmp_path):
     assert re.search(rf"^train\s+{len(seeds)}$", result.stdout, re.MULTILINE), result.stdout[-3000:]
     for rule in ("evaluate_lab_subset", "profile_lab_subset", "track_mlflow"):
         assert re.search(rf"^{rule}\s+1$", result.stdout, re.MULTILINE), (rule, result.stdout[-3000:])
+
+
+@needs_real_cells
+def test_renaming_a_crops_datasets_channels_redoes_no_table(tmp_path):
+    """The channels' names only label figures: changing them must not rebuild the table, store and models."""
+    config = yaml.safe_load((REPO / "config" / "lab_subset.yaml").read_text())
+    config["crops"]["lab_subset"].update(images=str(LAB_SUBSET / "images"), metadata=str(LAB_SUBSET / "labels.csv"))
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
+    run_snakemake(tmp_path, config, "--until", "crops_table_lab_subset")
+    assert (tmp_path / "results" / "lab_subset" / "images.parquet").is_file()
+    config["crops"]["lab_subset"]["channels"] = ["Hoechst", "tubulin", "actin"]
+    dry = run_snakemake(tmp_path, config, "-n", "--until", "crops_table_lab_subset")
+    assert re.search(r"^total\s+0$", dry.stdout, re.MULTILINE), dry.stdout[-3000:]     # no job to run

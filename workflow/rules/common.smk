@@ -95,9 +95,14 @@ def folds_file(dataset):
     return SHIPPED_FOLDS[dataset]
 
 
+# Only what decides a crops table's content: a change elsewhere (the channels' display names) redoes nothing.
+CROPS_TABLE_KEYS = ["images", "metadata", "separator", "filename", "columns", "batch_pattern"]
+
+
 def crops_settings(name):
-    """A params function giving a crops dataset's config section as JSON."""
-    return lambda wildcards: json.dumps(CROPS[name], sort_keys=True)
+    """A params function giving the table-deciding part of a crops dataset's config section as JSON."""
+    return lambda wildcards: json.dumps({k: CROPS[name][k] for k in CROPS_TABLE_KEYS if k in CROPS[name]},
+                                        sort_keys=True)
 
 
 @functools.cache
