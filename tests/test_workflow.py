@@ -283,7 +283,10 @@ def test_the_lab_subset_config_dry_runs(tmp_path):
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
     result = run_snakemake(tmp_path, config, "-n", "-p")
-    assert "--channels 'channel 1,channel 2,channel 3'" in result.stdout    # not BBBC021's names for these files
+    assert "--channels Actin,Tubulin,DAPI" in result.stdout                 # the figure names the config's channels
+    config["crops"]["lab_subset"]["channels"] = ["membrane", "tubulin", "nuclei"]
+    renamed = run_snakemake(tmp_path, config, "-n", "-p")
+    assert "--channels membrane,tubulin,nuclei" in renamed.stdout
     seeds = config["training"]["seeds"]
     assert len(seeds) == 3
     assert re.search(rf"^train\s+{len(seeds)}$", result.stdout, re.MULTILINE), result.stdout[-3000:]
