@@ -112,10 +112,11 @@ def run_snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -
     return result
 
 
-def build_crop_store(out: Path, sizes: list[int], **standin_settings) -> tuple[Path, Path]:
+def build_crop_store(out: Path, sizes: list[int], controls: bool = False, **standin_settings) -> tuple[Path, Path]:
     """Stand-in -> extraction -> image table -> per-plate preprocessing -> gathered store.
 
     Uses the pipeline's own functions; returns (folder with <size>.npy, index path).
+    With ``controls`` the plates' DMSO crops are gathered as well, into ``out/dmso``.
     """
     from moaflow import download, image_table, preprocess, store
     from moaflow.io import write_array, write_table
@@ -126,20 +127,21 @@ def build_crop_store(out: Path, sizes: list[int], **standin_settings) -> tuple[P
         download.extract_archive(www / f"BBBC021_v1_images_{plate}.zip", out / "images" / plate,
                                  member_root=plate, log=lambda _: None)
     table = image_table.bbbc021_image_table(www / "BBBC021_v1_image.csv", www / "BBBC021_v1_moa.csv", out / "images")
-    parts = []
-    for plate in manifest["plates"]:
-        arrays, index = preprocess.preprocess_plate(table[table["plate"] == plate], sizes=sizes)
-        for size, array in arrays.items():
-            write_array(array, out / f"{plate}.{size}.npy")
-        write_table(index, out / f"{plate}.index.parquet")
-        parts.append(plate)
-    crops = out / "crops"
-    crops.mkdir()
-    for size in sizes:
-        index = store.gather([(out / f"{p}.{size}.npy", out / f"{p}.index.parquet") for p in parts],
-                                  crops / f"{size}.npy")
-    write_table(index, crops / "index.parquet")
-    return crops, crops / "index.parquet"
+    for kind in ("crops", "dmso") if controls else ("crops",):
+        parts = []
+        for plate in manifest["plates"]:
+            arrays, index = preprocess.preprocess_plate(table[table["plate"] == plate], sizes=sizes,
+                                                        controls=kind == "dmso")
+            for size, array in arrays.items():
+                write_array(array, out / f"{plate}.{kind}.{size}.npy")
+            write_table(index, out / f"{plate}.{kind}.index.parquet")
+            parts.append(plate)
+        (out / kind).mkdir()
+        for size in sizes:
+            index = store.gather([(out / f"{p}.{kind}.{size}.npy", out / f"{p}.{kind}.index.parquet") for p in parts],
+                                 out / kind / f"{size}.npy")
+        write_table(index, out / kind / "index.parquet")
+    return out / "crops", out / "crops" / "index.parquet"
 
 
 @pytest.fixture(scope="session")
@@ -174,8 +176,9 @@ def small_plate(tmp_path_factory):
     return out, table
 
 
-def direct_study(table):
-    """The reference formulas transcribed literally, pixel by pixel, in float64.
+def direct_study(table, controls=False):
+    """The reference formulas transcribed literally, pixel by pixel, in float64 (of the DMSO fields with
+    ``controls``).
 
     Returns, per image number, the uint8 image and the float image before truncation,
     both channels last in stored order (Actin, Tubulin, DAPI).
@@ -188,7 +191,7 @@ def direct_study(table):
     mean = a.transpose(1, 0, 2, 3).reshape(3, -1).mean(axis=1)
     std = a.transpose(1, 0, 2, 3).reshape(3, -1).std(axis=1)
     images = {}
-    for _, row in table[~table["is_dmso"]].iterrows():
+    for _, row in table[table["is_dmso"] == controls].iterrows():
         z = (2 * np.sqrt(read(row).astype(np.float64) + 3 / 8) - mean[:, None, None]) / std[:, None, None]
         scaled = (z - z.min()) / (z.max() - z.min()) * 255
         images[row["image_number"]] = (np.moveaxis(scaled.astype(np.uint8)[[2, 1, 0]], 0, -1),

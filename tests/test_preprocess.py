@@ -44,6 +44,24 @@ def test_empty_crops_are_dropped_and_index_agrees(small_plate):
         assert i["crop"].between(0, 3).all()
 
 
+def test_dmso_crops_are_the_plates_controls_normalised_alike(small_plate):
+    """``controls``: the DMSO fields, cropped with the same plate statistics as the treatments (profiling
+    normalises to them); the treatment crops never include them."""
+    _, table = small_plate
+    expected = direct_study(table, controls=True)
+    arrays, index = preprocess.preprocess_plate(table, sizes=[24], controls=True, empty_fraction=-1)
+    dmso = table[table["is_dmso"]]
+    assert len(index) == 4 * len(dmso) and set(index["compound"]) == {"DMSO"}
+    assert set(index["source"]) == set(dmso["path_dapi"])
+    boxes = crops.crop_boxes((64, 80), (2, 2))
+    for k, row in index.iterrows():
+        rs, cs = boxes[row["crop"]]
+        crop = np.ascontiguousarray(expected[row["image_number"]][0][rs, cs])
+        assert np.array_equal(arrays[24][k], cv2.resize(crop, (24, 24), interpolation=cv2.INTER_AREA))
+    _, treatments = preprocess.preprocess_plate(table, sizes=[24], empty_fraction=-1)
+    assert not set(treatments["source"]) & set(index["source"])
+
+
 def _damaged_copy(table, tmp_path, column, row_filter, write):
     """The table with one file (chosen by row_filter) replaced by what ``write(path)`` writes."""
     victim = table[row_filter(table)].iloc[0][column]

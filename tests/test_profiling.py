@@ -73,7 +73,7 @@ def test_every_query_is_embedded_by_the_fold_that_held_it_out(tmp_path):
     from moaflow.models import embedding_model, load_model
 
     crops, index_path = build_crop_store(
-        tmp_path, [64], n_plates=2, sites=1, dmso_wells=2, moas=["Eg5 inhibitors", "DNA damage"],
+        tmp_path, [64], controls=True, n_plates=2, sites=1, dmso_wells=2, moas=["Eg5 inhibitors", "DNA damage"],
         compounds_per_moa=2, concentrations_per_compound=1, shape=(96, 120), magnification=2.0, seed=5)
     index = pd.read_parquet(index_path)
     table = folds.leave_one_compound_out(index)
@@ -93,3 +93,125 @@ def test_every_query_is_embedded_by_the_fold_that_held_it_out(tmp_path):
         model = embedding_model(load_model(tmp_path / "models" / fold / "model.keras"))
         again = model.predict(store[mine["crop_id"].to_numpy()[:3]], verbose=0)
         assert np.allclose(mine[profiling.feature_columns(mine)].to_numpy()[:3], again, atol=1e-4)
+
+    # The DMSO crops, embedded by the same fold's model: per-plate means and within-plate covariance.
+    dmso_index = pd.read_parquet(tmp_path / "dmso" / "index.parquet")
+    assert set(dmso_index["compound"]) == {"DMSO"} and set(dmso_index["plate"]) == set(index["plate"])
+    dmso = np.load(tmp_path / "dmso" / "64.npy")
+    profiling.control_embeddings(tmp_path / "models", table.head(2), dmso_index, dmso, tmp_path / "controls.npz",
+                                 log=lambda _: None)
+    statistics = profiling.read_control_statistics(tmp_path / "controls.npz")
+    assert list(statistics) == names
+    for fold in names:
+        features = embedding_model(load_model(tmp_path / "models" / fold / "model.keras")).predict(dmso, verbose=0)
+        for k, plate in enumerate(statistics[fold]["plates"]):
+            assert np.allclose(statistics[fold]["means"][k], features[(dmso_index["plate"] == plate).to_numpy()].mean(0),
+                               atol=1e-4)
+    assert not np.allclose(statistics[names[0]]["means"], statistics[names[1]]["means"])   # two models, two spaces
+
+
+def _crops(rows, plate, batch, fold="f1"):
+    """Crop rows (compound, moa, features...) of one plate, one well per compound."""
+    return pd.DataFrame([{"compound": c, "concentration": 1.0, "moa": m, "plate": plate, "batch": batch,
+                          "well": f"w_{c}", "fold": fold, **{f"f_{i}": v for i, v in enumerate(x)}}
+                         for c, m, *x in rows])
+
+
+def test_dmso_centering_removes_a_plate_effect_that_fools_nsc():
+    """Every crop of a plate, DMSO included, carries the plate's offset: treatments then look like their plate
+    more than their MoA. Centred on their plate's DMSO, the MoA decides."""
+    offsets = {"p1": np.array([0, 0, 5.0, 0]), "p2": np.array([0, 0, 0, 5.0])}
+    signal = {"A": np.array([1.0, 0, 0, 0]), "B": np.array([0, 1.0, 0, 0])}
+    crops = pd.concat([_crops([(f"{m.lower()}{plate[-1]}", m, *(signal[m] + offsets[plate])) for m in "AB"],
+                              plate, batch=plate) for plate in offsets], ignore_index=True)
+    rng = np.random.default_rng(0)
+    dmso = np.concatenate([offsets[p] + rng.normal(0, 0.05, (50, 4)) for p in offsets])
+    statistics = profiling.control_statistics(dmso, ["p1"] * 50 + ["p2"] * 50)
+    raw = profiling.treatment_profiles(crops)
+    assert profiling.nearest_neighbour_moa(raw, not_same_batch=False)[0]["correct"].mean() == 0.0
+    features = profiling.feature_columns(crops)
+    centred = crops.assign(**dict(zip(features, profiling.normalise_to_controls(
+        crops[features].to_numpy(), crops["plate"], statistics, method="dmso_center").T)))
+    matches, _ = profiling.nearest_neighbour_moa(profiling.treatment_profiles(centred), not_same_batch=False)
+    assert matches["correct"].mean() == 1.0
+
+
+def test_sphering_discounts_what_varies_among_dmso_crops():
+    """A direction along which DMSO crops vary a lot (say, cell density) dominates the centred distances;
+    whitened with the DMSO covariance it counts for little and the MoA decides."""
+    rng = np.random.default_rng(1)
+    dmso = rng.normal(0, [0.1, 0.1, 10.0], (4000, 3))
+    statistics = profiling.control_statistics(dmso, ["p1"] * 4000)
+    crops = _crops([("a1", "A", 1, 0, 8), ("b1", "B", 0, 1, 8), ("a2", "A", 1, 0, -8), ("b2", "B", 0, 1, -8)],
+                   "p1", batch="W1")
+    features = profiling.feature_columns(crops)
+    scores = {}
+    for method in ("dmso_center", "dmso_sphere"):
+        normalised = crops.assign(**dict(zip(features, profiling.normalise_to_controls(
+            crops[features].to_numpy(), crops["plate"], statistics, method=method, regularisation=1e-6).T)))
+        matches, _ = profiling.nearest_neighbour_moa(profiling.treatment_profiles(normalised), not_same_batch=False)
+        scores[method] = matches["correct"].mean()
+    assert scores == {"dmso_center": 0.0, "dmso_sphere": 1.0}
+
+
+def test_sphered_controls_have_the_identity_covariance():
+    rng = np.random.default_rng(2)
+    dmso = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6)) + np.repeat([[0.0] * 6, [3.0] * 6], 250, axis=0)
+    plates = ["p1"] * 250 + ["p2"] * 250
+    statistics = profiling.control_statistics(dmso, plates)
+    assert np.allclose(statistics["means"][1] - statistics["means"][0], 3.0, atol=0.5)
+    sphered = profiling.normalise_to_controls(dmso, plates, statistics, method="dmso_sphere", regularisation=0)
+    assert np.allclose(sphered.T @ sphered / (500 - 2), np.eye(6), atol=1e-8)   # the plates' offsets gone too
+    with pytest.raises(ValueError, match="sphering_regularisation"):
+        profiling.sphering_matrix(np.diag([1.0, 0.0]), 0)
+
+
+def test_a_plate_without_dmso_crops_is_named():
+    statistics = profiling.control_statistics(np.ones((3, 2)), ["p1"] * 3)
+    with pytest.raises(ValueError, match="plate.*p2"):
+        profiling.normalise_to_controls(np.ones((2, 2)), ["p1", "p2"], statistics, method="dmso_center")
+
+
+def test_each_fold_is_normalised_to_its_own_models_dmso_crops(tmp_path):
+    """Two folds' models map the same crops to spaces offset from each other; normalised to the DMSO crops
+    as each fold's own model embedded them, the held-out crops' profiles agree across folds."""
+    from moaflow.io import write_array, write_table
+
+    shift = {"f1": np.array([0.0, 0.0, 0.0]), "f2": np.array([4.0, -3.0, 2.0])}
+    folds_table = pd.DataFrame({"fold": ["f1", "f2"]})
+    means, covariances = [], []
+    rng = np.random.default_rng(3)
+    base = {"a1": [1, 0, 0.2], "b1": [0, 1, 0.2], "a2": [1, 0.1, -0.2], "b2": [0.1, 1, -0.2]}
+    for fold, held_out in (("f1", ["a1", "b1"]), ("f2", ["a2", "b2"])):
+        crops = _crops([(c, c[0].upper(), *base[c]) for c in held_out], "p1", batch=f"W{fold[-1]}", fold=fold)
+        (tmp_path / fold).mkdir()
+        write_table(crops.drop(columns=profiling.feature_columns(crops) + ["fold"]),
+                    tmp_path / fold / "test_predictions.parquet")
+        write_array((crops[profiling.feature_columns(crops)].to_numpy() + shift[fold]).astype(np.float32),
+                    tmp_path / fold / "test_embeddings.npy")
+        statistics = profiling.control_statistics(rng.normal(0, 0.3, (300, 3)) + shift[fold], ["p1"] * 300)
+        means.append(statistics["means"])
+        covariances.append(statistics["covariance"])
+    np.savez(tmp_path / "controls.npz", folds=np.array(["f1", "f2"]), plates=np.array(["p1"]),
+             means=np.stack(means), covariance=np.stack(covariances), count=np.array([300, 300]))
+    embedded = profiling.fold_embeddings(tmp_path, folds_table, log=lambda _: None)
+    raw = profiling.treatment_profiles(embedded)
+    assert profiling.nearest_neighbour_moa(raw, not_same_batch=True)[0]["correct"].mean() < 1.0
+    statistics = profiling.read_control_statistics(tmp_path / "controls.npz")
+    for method in ("dmso_center", "dmso_sphere"):
+        normalised = profiling._normalised_to_controls(embedded, statistics, method, 0.01)
+        matches, _ = profiling.nearest_neighbour_moa(profiling.treatment_profiles(normalised), not_same_batch=True)
+        assert matches["correct"].mean() == 1.0, method
+
+
+def test_the_cli_names_what_dmso_normalisation_lacks(tmp_path, capsys):
+    from moaflow.cli import main as moaflow
+
+    status = moaflow(["profile", "bbbc021", "--models-root", "m", "--folds", "f", "--index", "i", "--store", "a=b",
+                      "--architectures", "a", "--inits", "random", "--normalisation", "dmso_sphere",
+                      "--out-dir", str(tmp_path)])
+    assert status == 1 and "needs --controls --control-index" in capsys.readouterr().err
+    # the DMSO embedding job is a GPU job like training: asked for a GPU and seeing none, it stops at once
+    status = moaflow(["embed-controls", "--models-dir", "m", "--folds", "f", "--index", "i", "--store", "s",
+                      "--gpus", "1", "--output", str(tmp_path / "c.npz")])
+    assert status == 1 and "asked for 1 GPU(s)" in capsys.readouterr().err and not (tmp_path / "c.npz").exists()

@@ -109,6 +109,13 @@ def test_evaluation_and_report(demo):
     assert "WS-DINO" in set(literature["method"]) and literature["method"].str.startswith("this run").any()
     for name in ("Interpretation", "profile_map.png", "resnet50_random.png", "literature.csv"):
         assert name in report, name
+    # normalised to the DMSO crops (config/config.yaml: dmso_sphere), each fold's model embedding them; named
+    assert set(scores["normalisation"]) == {"dmso_sphere"}
+    controls = np.load(workdir / "results" / "bbbc021" / "profiling" / "controls" / "resnet50" / "random" / "seed-0.npz")
+    dmso = pd.read_parquet(workdir / "results" / "bbbc021" / "dmso" / "index.parquet")
+    assert len(controls["folds"]) == len(pd.read_csv(workdir / "folds_bbbc021.tsv", sep="\t"))
+    assert set(dmso["compound"]) == {"DMSO"} and list(controls["plates"]) == sorted(set(dmso["plate"]))
+    assert literature["source"].str.contains("dmso_sphere").any() and "sphered (whitened)" in report
 
 
 def test_second_run_does_nothing(demo):
@@ -212,6 +219,7 @@ def test_slurm_profile_runs_downloads_and_weights_on_the_submit_host(tmp_path):
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
     profile["default-resources"].update(slurm_account="test", slurm_partition="cpu")
     profile["set-resources"]["train"]["slurm_partition"] = "gpu"
+    profile["set-resources"]["embed_controls"]["slurm_partition"] = "gpu"
     (tmp_path / "profile").mkdir()
     (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
     result = subprocess.run([str(BIN / "snakemake"), "-n", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
@@ -222,8 +230,8 @@ def test_slurm_profile_runs_downloads_and_weights_on_the_submit_host(tmp_path):
     assert result.returncode == 0, output[-3000:]
     local = re.search(r"Run on the submit host \(localrules\): (.*)", output).group(1).split(", ")
     assert {"download_bbbc021_plate", "download_bbbc021_metadata", "download_bbbc014_file", "fetch_weights"} <= set(local)
-    assert not {"train", "extract_bbbc021_plate", "preprocess_bbbc021_plate"} & set(local)
-    assert "rule train:" in output and "rule fetch_weights:" in output
+    assert not {"train", "extract_bbbc021_plate", "preprocess_bbbc021_plate", "embed_controls"} & set(local)
+    assert "rule train:" in output and "rule fetch_weights:" in output and "rule embed_controls:" in output
 
 
 MODULE_SNAKEFILE = """configfile: "config.yaml"
@@ -292,6 +300,11 @@ def test_the_lab_subset_config_dry_runs(tmp_path):
     assert re.search(rf"^train\s+{len(seeds)}$", result.stdout, re.MULTILINE), result.stdout[-3000:]
     for rule in ("evaluate_lab_subset", "profile_lab_subset", "track_mlflow"):
         assert re.search(rf"^{rule}\s+1$", result.stdout, re.MULTILINE), (rule, result.stdout[-3000:])
+    assert "embed_controls" not in result.stdout          # no DMSO crops here: profiles are not normalised to them
+    config["profiling"]["normalisation"] = "dmso_sphere"
+    refused = run_snakemake(tmp_path, config, "-n", check=False)
+    assert refused.returncode != 0
+    assert "profiling.normalisation" in refused.stdout and "'lab_subset' has none" in refused.stdout
 
 
 @needs_real_cells

@@ -100,7 +100,7 @@ def _preprocess_plate(a):
     preprocess.preprocess_plate_files(
         a.table, a.plate, a.output_prefix, illumination_dir=a.illumination_dir, sizes=a.sizes,
         grid=tuple(a.grid), normalisation=a.normalisation, percentiles=tuple(a.percentiles),
-        empty_threshold=a.empty_threshold, empty_fraction=a.empty_fraction)
+        empty_threshold=a.empty_threshold, empty_fraction=a.empty_fraction, controls=a.controls)
 
 
 def _gather(a):
@@ -135,13 +135,17 @@ def _check_folds(a):
     folds.check_folds_file(a.folds, a.index, a.output)
 
 
-def _train(a):
+def _device_environment(gpus: int | None) -> None:
     # Before Keras loads: GPU memory is taken as needed (two local jobs can share a GPU), and a job
     # declared CPU-only (--gpus 0) does not touch a GPU at all.
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    if a.gpus == 0:
+    if gpus == 0:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def _train(a):
+    _device_environment(a.gpus)
     from moaflow import study, train
 
     hyper = study.hyperparameters(a.preset, a.architecture, a.hyperparameters or {})
@@ -188,9 +192,30 @@ def _pairs(text: str) -> tuple[str, str]:
 def _profile(a):
     from moaflow import profiling
 
+    if a.normalisation in profiling.CONTROL_NORMALISATIONS:
+        missing = [f"--{n.replace('_', '-')}" for n in ("controls", "control_index") if not getattr(a, n)]
+        if a.imagenet_weights and not a.control_store:
+            missing.append("--control-store")
+        if missing:
+            raise ValueError(f"profile: --normalisation {a.normalisation} needs {' '.join(missing)}")
     profiling.profile_dataset(a.dataset, a.models_root, a.folds, a.index, dict(a.store), a.architectures, a.inits,
                               a.out_dir, seed=a.seed, imagenet_weights=dict(a.imagenet_weights or []),
-                              statistic=a.statistic, normalisation=a.normalisation)
+                              statistic=a.statistic, normalisation=a.normalisation,
+                              controls=dict(a.controls or []), control_index_path=a.control_index,
+                              control_store_paths=dict(a.control_store or []),
+                              sphering_regularisation=a.sphering_regularisation)
+
+
+def _embed_controls(a):
+    _device_environment(a.gpus)
+    import pandas as pd
+
+    from moaflow import folds, profiling, train
+    from moaflow.feeder import open_store
+
+    train.check_devices(a.gpus or 0, a.allow_cpu or a.gpus is None)
+    profiling.control_embeddings(a.models_dir, folds.read_folds(a.folds), pd.read_parquet(a.index),
+                                 open_store(a.store), a.output, batch_size=a.batch_size)
 
 
 def _interpret(a):
@@ -308,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--illumination-dir", help="divide by the plate's illumination functions from here")
     p.add_argument("--empty-threshold", type=float, default=255 / 5.1)
     p.add_argument("--empty-fraction", type=float, default=0.002)
+    p.add_argument("--controls", action="store_true", help="crop the plate's DMSO fields instead (profiling "
+                   "normalises to them)")
     p.add_argument("--output-prefix", required=True)
 
     p = command("gather", _gather, "concatenate per-plate crops into one store per size")
@@ -420,8 +447,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imagenet-weights", type=_pairs, nargs="*", help="ARCHITECTURE=notop weights file: adds "
                    "the 'ImageNet features, no training' source")
     p.add_argument("--statistic", choices=["mean", "median"], default="mean")
-    p.add_argument("--normalisation", choices=["none", "standardize"], default="none")
+    p.add_argument("--normalisation", choices=["none", "standardize", "dmso_center", "dmso_sphere"],
+                   default="none", help="dmso_*: crops normalised to their plate's DMSO crops (needs --controls, "
+                   "--control-index and, with --imagenet-weights, --control-store)")
+    p.add_argument("--controls", type=_pairs, nargs="*", help="ARCHITECTURE/INIT=control embeddings file "
+                   "(embed-controls)")
+    p.add_argument("--control-index", nargs="?", help="the DMSO crops' index.parquet")
+    p.add_argument("--control-store", type=_pairs, nargs="*", help="ARCHITECTURE=DMSO crop store .npy (for "
+                   "the ImageNet features)")
+    p.add_argument("--sphering-regularisation", type=float, default=0.01,
+                   help="dmso_sphere: added to each DMSO eigenvalue, as a fraction of their mean")
     p.add_argument("--out-dir", required=True)
+
+    p = command("embed-controls", _embed_controls, "embed the DMSO crops with every fold's trained model "
+                "(per-plate means and covariance, for profiling's DMSO normalisation)")
+    p.add_argument("--models-dir", required=True, help="results/<dataset>/models/<architecture>/<init>/seed-<n>")
+    p.add_argument("--folds", required=True)
+    p.add_argument("--index", required=True, help="the DMSO crops' index.parquet")
+    p.add_argument("--store", required=True, help="the DMSO crop store at the architecture's input size")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--gpus", type=int, help="as train --gpus")
+    p.add_argument("--allow-cpu", action="store_true", help="with --gpus >= 1: run on the CPU if no GPU is visible")
+    p.add_argument("--output", required=True, help=".npz of per-fold DMSO statistics")
 
     p = command("interpret", _interpret, "figure of the occlusion maps the training jobs computed (a few "
                 "held-out crops per MoA)")

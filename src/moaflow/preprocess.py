@@ -48,9 +48,10 @@ def preprocess_plate(
     illumination: np.ndarray | None = None,
     empty_threshold: float = normalise.EMPTY_THRESHOLD,
     empty_fraction: float = 0.002,
+    controls: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
-    """Normalise, crop and resize the annotated fields of one plate.
+    """Normalise, crop and resize the annotated fields of one plate (or, with ``controls``, its DMSO fields).
 
     Parameters
     ----------
@@ -69,6 +70,10 @@ def preprocess_plate(
     empty_threshold, empty_fraction : float
         A crop is dropped when at most ``empty_fraction`` of its values exceed
         ``empty_threshold`` on the float 0..255 image, before truncation.
+    controls : bool
+        Crop the DMSO fields instead of the annotated ones, normalised the
+        same way (profiling normalises treatment profiles to them; they are
+        never a class).
 
     Returns
     -------
@@ -82,7 +87,10 @@ def preprocess_plate(
     shape = images.common_shape([p for c in BBBC021_CHANNELS for p in fields[f"path_{c.lower()}"]])
     crops.crop_boxes(shape, grid)   # a grid too fine for the field is an error before any work
     dmso = fields[fields["is_dmso"]]
-    annotated = fields[~fields["is_dmso"]]
+    if dmso.empty:
+        raise MetadataError(f"plate {plate}: no DMSO fields, which normalise its images")
+    annotated = dmso if controls else fields[~fields["is_dmso"]]
+    what = "DMSO fields" if controls else "fields"
     started = time.monotonic()
     dmso_fields = [read_field(r, shape) for _, r in dmso.iterrows()]
     if normalisation == "study":
@@ -109,7 +117,7 @@ def preprocess_plate(
                        for k in positions)
         if n % step == 0 or n == len(annotated):
             elapsed = time.monotonic() - started
-            log(f"{plate}: {n}/{len(annotated)} fields, {len(records)} crops kept, "
+            log(f"{plate}: {n}/{len(annotated)} {what}, {len(records)} crops kept, "
                 f"ETA {elapsed / n * (len(annotated) - n):.0f} s")
     if dropped:
         log(f"{plate}: {dropped} nearly empty crop(s) dropped (at most {empty_fraction:g} of values above "

@@ -10,7 +10,12 @@ Sources of features:
   ImageNet weights, untouched, embed every crop.
 
 Profiles are the mean (or median) of a well's crops, then of a treatment's
-wells; optionally standardised per feature over all treatments. A treatment's
+wells. Optionally the crops' features are first normalised to the DMSO
+(negative control) crops of their plate, embedded by the same model: centred
+on the plate's DMSO mean (``dmso_center``), then also sphered, i.e. whitened
+with the DMSO crops' within-plate covariance (``dmso_sphere``, the typical
+variation normalisation of Ando et al. 2017 and DeepProfiler); or the
+treatment profiles are standardised per feature (``standardize``). A treatment's
 nearest neighbour (cosine distance) must come from another compound (NSC), and
 for NSCB also from another batch; MoAs found in a single batch cannot be scored
 under NSCB and are left out, with the count stated.
@@ -19,6 +24,7 @@ under NSCB and are left out, with the count stated.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +32,11 @@ import pandas as pd
 
 from moaflow.io import save_figure, write_json, write_table
 from moaflow.logs import stderr
+
+#: profiling.normalisation values that normalise features to each plate's DMSO crops.
+CONTROL_NORMALISATIONS = ("dmso_center", "dmso_sphere")
+#: Every profiling.normalisation value.
+NORMALISATIONS = ("none", "standardize", *CONTROL_NORMALISATIONS)
 
 #: Identity columns of a crop, well and treatment profile.
 TREATMENT_KEYS = ["compound", "concentration"]
@@ -59,26 +70,157 @@ def fold_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, log=stde
     return frame
 
 
-def imagenet_embeddings(architecture: str, weights: str | os.PathLike, index: pd.DataFrame, store,
-                        log=stderr) -> pd.DataFrame:
-    """Features of every crop from the architecture's ImageNet weights, without training (the study's
+def imagenet_feature_model(architecture: str, weights: str | os.PathLike, input_size: int):
+    """The architecture's ImageNet weights, untrained, from uint8 crops to pooled features (the study's
     input transform: reversed channels, raw 0..255)."""
     import keras
 
-    from moaflow.feeder import predict
     from moaflow.models import backbone, input_transform
 
     kernel, bias = input_transform("reversed", "raw")
-    inputs = keras.Input(store.shape[1:], dtype="uint8")
+    inputs = keras.Input((input_size, input_size, 3), dtype="uint8")
     x = keras.layers.Rescaling(1.0, dtype="float32")(inputs)
     transform = keras.layers.Conv2D(3, 1, trainable=False, dtype="float32")
     x = transform(x)
     transform.set_weights([kernel, bias])
-    model = keras.Model(inputs, backbone(architecture, store.shape[1], weights)(x))
-    features = predict(model, store, np.arange(len(index)), 64)
-    log(f"ImageNet features of {architecture}: {len(index)} crops, {features.shape[1]} features")
+    return keras.Model(inputs, backbone(architecture, input_size, weights)(x))
+
+
+def embed(model, index: pd.DataFrame, store, batch_size: int = 64) -> pd.DataFrame:
+    """``index`` with the features ``model`` gives every crop of ``store`` (``f_0 ... f_k``)."""
+    from moaflow.feeder import predict
+
+    features = predict(model, store, np.arange(len(index)), batch_size)
     return pd.concat([index.reset_index(drop=True),
                       pd.DataFrame(features, columns=[f"f_{i}" for i in range(features.shape[1])])], axis=1)
+
+
+def control_statistics(features: np.ndarray, plates) -> dict[str, np.ndarray]:
+    """What normalising to the DMSO crops needs: each plate's mean and the pooled within-plate covariance.
+
+    Parameters
+    ----------
+    features : ndarray (N, D)
+        The DMSO crops' features, from one model.
+    plates : array-like of str, length N
+        Each crop's plate.
+
+    Returns
+    -------
+    statistics : dict
+        ``plates`` (P,), ``means`` (P, D) float64, ``covariance`` (D, D) float64
+        (of the features centred on their plate's mean, divided by N - P) and
+        ``count`` (N).
+    """
+    features = np.asarray(features, dtype=np.float64)
+    plates = np.asarray(plates).astype(str)
+    if len(features) != len(plates) or len(features) == 0:
+        raise ValueError(f"{len(features)} DMSO feature rows for {len(plates)} plate labels; expected as many, "
+                         f"and at least one")
+    names, position = np.unique(plates, return_inverse=True)
+    means = np.stack([features[position == k].mean(0) for k in range(len(names))])
+    centred = features - means[position]
+    covariance = centred.T @ centred / max(len(features) - len(names), 1)
+    return {"plates": names, "means": means, "covariance": covariance, "count": np.array(len(features))}
+
+
+def sphering_matrix(covariance: np.ndarray, regularisation: float) -> np.ndarray:
+    """ZCA whitening ``V diag(1 / sqrt(lambda + epsilon)) V^T`` of a covariance.
+
+    ``epsilon`` is ``regularisation`` times the mean eigenvalue: it keeps
+    directions along which the DMSO crops barely vary from being amplified
+    without bound (with 0 the sphered controls have exactly the identity
+    covariance, and a singular covariance is an error).
+    """
+    if regularisation < 0:
+        raise ValueError(f"regularisation={regularisation}: expected >= 0")
+    eigenvalues, vectors = np.linalg.eigh(np.asarray(covariance, dtype=np.float64))
+    eigenvalues = np.clip(eigenvalues, 0, None)
+    floor = eigenvalues + regularisation * eigenvalues.mean()
+    if floor.min() <= 0:
+        raise ValueError("the DMSO covariance is singular (fewer DMSO crops than features, or constant "
+                         "features): sphering needs profiling.sphering_regularisation > 0")
+    return (vectors / np.sqrt(floor)) @ vectors.T
+
+
+def normalise_to_controls(features: np.ndarray, plates, statistics: dict, *, method: str,
+                          regularisation: float = 0.01) -> np.ndarray:
+    """Features normalised to their plate's DMSO crops, as embedded by the same model.
+
+    Parameters
+    ----------
+    features : ndarray (N, D)
+    plates : array-like of str, length N
+        Each row's plate; every one must have DMSO statistics.
+    statistics : dict
+        From `control_statistics` of the same model's DMSO features.
+    method : {"dmso_center", "dmso_sphere"}
+        ``dmso_center`` subtracts the plate's DMSO mean; ``dmso_sphere`` then
+        whitens with `sphering_matrix` of the DMSO covariance.
+    regularisation : float
+        See `sphering_matrix`.
+    """
+    if method not in CONTROL_NORMALISATIONS:
+        raise ValueError(f"method={method!r}: expected one of {', '.join(CONTROL_NORMALISATIONS)}")
+    plates = np.asarray(plates).astype(str)
+    names = np.asarray(statistics["plates"]).astype(str)
+    missing = sorted(set(plates) - set(names))
+    if missing:
+        raise ValueError(f"no DMSO crops for plate(s) {', '.join(missing)}: cannot normalise their crops to "
+                         f"DMSO (profiling.normalisation {method})")
+    centred = np.asarray(features, dtype=np.float64) - statistics["means"][np.searchsorted(names, plates)]
+    if method == "dmso_center":
+        return centred
+    return centred @ sphering_matrix(statistics["covariance"], regularisation)
+
+
+def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index: pd.DataFrame, store,
+                       output: str | os.PathLike, *, batch_size: int = 64, log=stderr) -> None:
+    """Embed the DMSO crops with every fold's trained model and keep what normalising needs.
+
+    Each fold's model embeds its held-out crops (`fold_embeddings`), so the DMSO
+    crops must be embedded by that same model for the two to share a feature
+    space. Only `control_statistics` are kept per fold (the plates' means and
+    the covariance), in ``output`` (``.npz``: ``folds``, ``plates``, ``means``
+    (F, P, D), ``covariance`` (F, D, D), ``count`` (F)), written atomically.
+    """
+    import keras
+
+    from moaflow.io import atomic_path
+    from moaflow.models import embedding_model, load_model
+
+    started = time.monotonic()
+    gathered: dict[str, list] = {"means": [], "covariance": [], "count": []}
+    plates = None
+    names = list(folds["fold"])
+    for n, fold in enumerate(names, 1):
+        path = Path(models_dir) / fold / "model.keras"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: fold {fold}'s trained model is missing (its training job has not "
+                                    f"finished)")
+        statistics = control_statistics(embed(embedding_model(load_model(path)), index, store, batch_size)
+                                        .filter(like="f_").to_numpy(), index["plate"])
+        keras.backend.clear_session()   # one model at a time in memory
+        if plates is None:
+            plates = statistics["plates"]
+        for key in gathered:
+            gathered[key].append(statistics[key])
+        elapsed = time.monotonic() - started
+        log(f"{models_dir}: fold {n}/{len(names)} ({fold}): {len(index)} DMSO crops of {len(plates)} plate(s) "
+            f"embedded, ETA {elapsed / n * (len(names) - n):.0f} s")
+    with atomic_path(output) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, folds=np.array(names), plates=plates, means=np.stack(gathered["means"]),
+                     covariance=np.stack(gathered["covariance"]).astype(np.float32),
+                     count=np.array(gathered["count"]))
+
+
+def read_control_statistics(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """`control_embeddings`'s file as fold name -> `control_statistics`."""
+    with np.load(path) as data:
+        return {str(fold): {"plates": data["plates"], "means": data["means"][k],
+                            "covariance": data["covariance"][k].astype(np.float64), "count": data["count"][k]}
+                for k, fold in enumerate(data["folds"])}
 
 
 def treatment_profiles(crops: pd.DataFrame, *, statistic: str = "mean", normalisation: str = "none") -> pd.DataFrame:
@@ -89,6 +231,7 @@ def treatment_profiles(crops: pd.DataFrame, *, statistic: str = "mean", normalis
     statistic : {"mean", "median"}
     normalisation : {"none", "standardize"}
         ``standardize``: each feature centred and scaled over all treatments.
+        (Normalising to DMSO happens before, on the crops: `normalise_to_controls`.)
 
     Returns
     -------
@@ -99,11 +242,13 @@ def treatment_profiles(crops: pd.DataFrame, *, statistic: str = "mean", normalis
     if statistic not in ("mean", "median"):
         raise ValueError(f"statistic={statistic!r}: expected 'mean' or 'median'")
     features = feature_columns(crops)
-    wells = crops.groupby(TREATMENT_KEYS + WELL_KEYS, as_index=False).agg(
-        {**{f: statistic for f in features}, "moa": "first", "batch": "first"})
-    profiles = wells.groupby(TREATMENT_KEYS, as_index=False).agg(
-        {**{f: statistic for f in features}, "moa": "first",
-         "batch": lambda b: ";".join(sorted(set(map(str, b))))}).rename(columns={"batch": "batches"})
+    # Features and labels aggregated apart: one wide aggregation of thousands of columns fragments the frame.
+    by_well = crops.groupby(TREATMENT_KEYS + WELL_KEYS)
+    wells = pd.concat([by_well[["moa", "batch"]].first(), by_well[features].agg(statistic)], axis=1).reset_index()
+    by_treatment = wells.groupby(TREATMENT_KEYS)
+    profiles = pd.concat([by_treatment["moa"].first(),
+                          by_treatment["batch"].agg(lambda b: ";".join(sorted(set(map(str, b))))).rename("batches"),
+                          by_treatment[features].agg(statistic)], axis=1).reset_index()
     if normalisation == "standardize":
         values = profiles[features].to_numpy()
         profiles[features] = (values - values.mean(0)) / np.where(values.std(0) > 0, values.std(0), 1)
@@ -197,26 +342,51 @@ def plot_profile_map(profiles: dict[str, pd.DataFrame], path: str | os.PathLike)
 def profile_dataset(dataset: str, models_root: str | os.PathLike, folds_path, index_path, store_paths: dict,
                     architectures: list[str], inits: list[str], out_dir, *, seed: int = 0,
                     imagenet_weights: dict | None = None, statistic: str = "mean", normalisation: str = "none",
-                    log=stderr) -> dict:
-    """Embeddings, treatment profiles, NSC/NSCB per source, the literature table and the map (the rule)."""
+                    controls: dict | None = None, control_index_path=None, control_store_paths: dict | None = None,
+                    sphering_regularisation: float = 0.01, log=stderr) -> dict:
+    """Embeddings, treatment profiles, NSC/NSCB per source, the literature table and the map (the rule).
+
+    With a DMSO ``normalisation``, ``controls`` maps each trained source
+    (``architecture/init``) to its `control_embeddings` file; the ImageNet
+    sources embed the DMSO crops (``control_index_path``, ``control_store_paths``) here.
+    """
     from moaflow import folds as folds_module
     from moaflow.feeder import open_store
 
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation={normalisation!r}: expected one of {', '.join(NORMALISATIONS)}")
+    to_controls = normalisation in CONTROL_NORMALISATIONS
     out_dir = Path(out_dir)
     folds = folds_module.read_folds(folds_path)
     index = pd.read_parquet(index_path)
+    control_index = pd.read_parquet(control_index_path) if to_controls else None
     sources: dict[str, pd.DataFrame] = {}
+    statistics: dict[str, dict] = {}   # source -> fold (None: one model for all crops) -> control statistics
     for architecture in architectures:
         for init in inits:
             models = Path(models_root) / architecture / init / f"seed-{seed}"
-            sources[f"{architecture}/{init}"] = fold_embeddings(models, folds, log)
+            source = f"{architecture}/{init}"
+            sources[source] = fold_embeddings(models, folds, log)
+            if to_controls:
+                statistics[source] = read_control_statistics(controls[source])
         if imagenet_weights and architecture in imagenet_weights:
-            sources[f"{architecture}/imagenet features"] = imagenet_embeddings(
-                architecture, imagenet_weights[architecture], index, open_store(store_paths[architecture], log=log),
-                log)
+            source = f"{architecture}/imagenet features"
+            store = open_store(store_paths[architecture], log=log)
+            model = imagenet_feature_model(architecture, imagenet_weights[architecture], store.shape[1])
+            sources[source] = embed(model, index, store)
+            log(f"ImageNet features of {architecture}: {len(index)} crops")
+            if to_controls:
+                dmso = embed(model, control_index, open_store(control_store_paths[architecture], log=log))
+                statistics[source] = {None: control_statistics(dmso.filter(like="f_").to_numpy(), dmso["plate"])}
+                log(f"ImageNet features of {architecture}: {len(control_index)} DMSO crops")
     rows, profiles, all_matches = [], {}, []
     for source, crops in sources.items():
-        profiles[source] = treatment_profiles(crops, statistic=statistic, normalisation=normalisation)
+        if to_controls:
+            crops = _normalised_to_controls(crops, statistics[source], normalisation, sphering_regularisation)
+            log(f"{source}: features normalised to the DMSO crops of their plate ({normalisation}"
+                + (f", regularisation {sphering_regularisation:g}" if normalisation == "dmso_sphere" else "") + ")")
+        profiles[source] = treatment_profiles(crops, statistic=statistic,
+                                              normalisation="none" if to_controls else normalisation)
         for name, not_same_batch in (("NSC", False), ("NSCB", True)):
             matches, counts = nearest_neighbour_moa(profiles[source], not_same_batch=not_same_batch)
             accuracy = float(matches["correct"].mean()) if len(matches) else float("nan")
@@ -226,20 +396,52 @@ def profile_dataset(dataset: str, models_root: str | os.PathLike, folds_path, in
             log(f"{source}: {name} {100 * accuracy:.1f} % over {counts['scored']} treatments"
                 + (f" ({len(counts['left_out_moas'])} MoA(s) in a single batch left out)"
                    if counts["left_out_moas"] else ""))
-    scores = pd.DataFrame(rows)
+    scores = pd.DataFrame(rows).assign(normalisation=normalisation)
     write_table(scores, out_dir / "nsc_nscb.csv")
     write_table(pd.concat(all_matches, ignore_index=True), out_dir / "matches.csv")
     ours = scores.pivot_table(index="source", columns="score", values="accuracy_percent").reset_index()
+    setting = describe_normalisation(normalisation, sphering_regularisation)
     table = pd.concat([literature(), pd.DataFrame({"method": "this run: " + ours["source"],
                                                    "nsc_percent": ours.get("NSC"), "nscb_percent": ours.get("NSCB"),
                                                    "source": f"moaflow, {dataset}, profiles: {statistic} per well "
-                                                             f"then treatment, normalisation {normalisation}"})],
+                                                             f"then treatment, normalisation {setting}"})],
                       ignore_index=True)
     write_table(table, out_dir / "literature.csv")
     plot_profile_map(profiles, out_dir / "profile_map.png")
-    summary = {"dataset": dataset, "profiles": {"statistic": statistic, "normalisation": normalisation},
-               "profiling": {r["source"]: {} for r in rows}}
+    settings = {"statistic": statistic, "normalisation": normalisation}
+    if normalisation == "dmso_sphere":
+        settings["sphering_regularisation"] = sphering_regularisation
+    summary = {"dataset": dataset, "profiles": settings, "profiling": {r["source"]: {} for r in rows}}
     for r in rows:
         summary["profiling"][r["source"]][r["score"]] = r["accuracy_percent"]
     write_json(summary, out_dir / "summary.json")
     return summary
+
+
+def describe_normalisation(normalisation: str, regularisation: float) -> str:
+    """The profiling.normalisation setting in words (the literature table and report name it)."""
+    return {"none": "none",
+            "standardize": "standardize (each feature over all treatments)",
+            "dmso_center": "dmso_center (crops centred on their plate's DMSO crops)",
+            "dmso_sphere": f"dmso_sphere (crops centred on their plate's DMSO crops, then sphered with the DMSO "
+                           f"covariance, regularisation {regularisation:g})"}[normalisation]
+
+
+def _normalised_to_controls(crops: pd.DataFrame, statistics: dict, method: str, regularisation: float
+                            ) -> pd.DataFrame:
+    """`normalise_to_controls` per fold: each fold's crops with its own model's DMSO statistics."""
+    features = feature_columns(crops)
+    values = np.array(crops[features], dtype=np.float64)   # a writable copy
+    if None in statistics:   # one model embedded every crop
+        parts = [(np.ones(len(crops), bool), statistics[None])]
+    else:
+        folds = crops["fold"].to_numpy()
+        missing = sorted(set(folds) - set(statistics))
+        if missing:
+            raise ValueError(f"fold(s) {', '.join(missing)}: no DMSO statistics in the control embeddings file")
+        parts = [(folds == fold, statistics[fold]) for fold in pd.unique(folds)]
+    for rows, fold_statistics in parts:
+        values[rows] = normalise_to_controls(values[rows], crops.loc[rows, "plate"], fold_statistics,
+                                             method=method, regularisation=regularisation)
+    return pd.concat([crops.drop(columns=features), pd.DataFrame(values, columns=features, index=crops.index)],
+                     axis=1)

@@ -113,7 +113,7 @@ def check_devices(gpus: int, allow_cpu: bool, log: Callable[[str], None] = stder
     log(f"Keras {keras.__version__}, backend {report['backend']}; devices: {shown}")
     if gpus >= 1 and not found:
         if not allow_cpu:
-            raise DeviceError(f"this training job asked for {gpus} GPU(s) (training.resources.gpu) but the "
+            raise DeviceError(f"this job asked for {gpus} GPU(s) (training.resources.gpu) but the "
                               f"{report['backend']} backend sees none ({shown}): {INSTALL_HINT}")
         log(f"WARNING: {gpus} GPU(s) asked for, none visible: training on the CPU (training.allow_cpu: true)")
     return report

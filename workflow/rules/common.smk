@@ -10,6 +10,7 @@ from snakemake.utils import min_version, validate
 
 from moaflow.folds import dataset_folds
 from moaflow.image_table import crops_table
+from moaflow.profiling import CONTROL_NORMALISATIONS
 from moaflow.study import (
     BBBC021_CHANNELS,
     BBBC021_STORED_ORDER,
@@ -50,6 +51,14 @@ for _name in DATASETS:
             raise ValueError(f"{_section}.{_name}: missing; a crops dataset needs its own {_section} section")
 # Datasets classified by mechanism of action (evaluated alike); BBBC014 is a translocation yes/no.
 MOA_DATASETS = [d for d in DATASETS if d != "bbbc014"]
+# Normalising profiles to DMSO needs DMSO crops, which only BBBC021's plates have (crops sets hold treatments).
+if config["profiling"]["enabled"] and config["profiling"]["normalisation"] in CONTROL_NORMALISATIONS:
+    for _name in MOA_DATASETS:
+        if _name in CROPS:
+            raise ValueError(
+                f"profiling.normalisation: {config['profiling']['normalisation']!r} normalises profiles to each "
+                f"plate's DMSO crops, and the crops dataset {_name!r} has none; set profiling.normalisation to "
+                "none or standardize for it")
 # Tags every MLflow run: which configuration produced it.
 CONFIG_HASH = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 BBBC021_PLATES = resolve_plates(config["bbbc021"]["plates"]) if "bbbc021" in DATASETS else []
@@ -166,6 +175,35 @@ def imagenet_feature_architectures():
 def imagenet_feature_weights(dataset):
     return [
         verified(f"results/weights/{a}_notop.h5")
+        for a in imagenet_feature_architectures()
+        if a in trained_architectures(dataset)
+    ]
+
+
+def normalises_to_controls():
+    """profiling.normalisation dmso_*: profiles normalised to each plate's DMSO crops."""
+    return config["profiling"]["enabled"] and config["profiling"]["normalisation"] in CONTROL_NORMALISATIONS
+
+
+def control_statistics_files(dataset):
+    """Each trained model's DMSO statistics (rule embed_controls), for the seed that profiling uses."""
+    if not normalises_to_controls():
+        return []
+    return expand(
+        "results/{dataset}/profiling/controls/{architecture}/{init}/seed-{seed}.npz",
+        dataset=dataset,
+        architecture=trained_architectures(dataset),
+        init=INITS,
+        seed=TRAIN["seeds"][0],
+    )
+
+
+def control_stores(dataset):
+    """The DMSO crop stores the untrained ImageNet sources embed (profiling normalised to DMSO)."""
+    if not normalises_to_controls():
+        return []
+    return [
+        f"results/{dataset}/dmso/{TRAIN[dataset]['input_sizes'][a]}.npy"
         for a in imagenet_feature_architectures()
         if a in trained_architectures(dataset)
     ]

@@ -3,6 +3,39 @@
 
 PROFILING = config["profiling"]
 
+
+rule embed_controls:
+    """Each fold's trained model embeds the DMSO crops (profiling normalises its held-out crops to them)."""
+    input:
+        jobs=lambda wc: [
+            j
+            for j in training_jobs(wc.dataset)
+            if f"/{wc.architecture}/{wc.init}/seed-{wc.seed}/" in j
+        ],
+        folds="results/{dataset}/folds.tsv",
+        index="results/{dataset}/dmso/index.parquet",
+        store=lambda wc: f"results/{wc.dataset}/dmso/{input_size(wc)}.npy",
+    output:
+        "results/{dataset}/profiling/controls/{architecture}/{init}/seed-{seed}.npz",
+    params:
+        models_dir="results/{dataset}/models/{architecture}/{init}/seed-{seed}",
+        allow_cpu="--allow-cpu" if TRAIN["allow_cpu"] else "",
+    log:
+        "results/logs/profiling/controls/{dataset}/{architecture}/{init}/seed-{seed}.log",
+    resources:
+        gpu=TRAIN["resources"]["gpu"],
+        mem_mb=TRAIN["resources"]["mem_mb"],
+        runtime=120,
+    threads: TRAIN["resources"]["threads"]
+    conda:
+        "../../envs/moaflow.yaml"
+    shell:
+        "TF_NUM_INTRAOP_THREADS={threads} TF_NUM_INTEROP_THREADS=1 OMP_NUM_THREADS={threads}"
+        " moaflow --threads {threads} embed-controls --models-dir {params.models_dir:q} --folds {input.folds:q}"
+        " --index {input.index:q} --store {input.store:q} --gpus {resources.gpu} {params.allow_cpu}"
+        " --output {output:q} 2> {log:q}"
+
+
 for _dataset in MOA_DATASETS if PROFILING["enabled"] else []:
 
     rule:
@@ -14,6 +47,9 @@ for _dataset in MOA_DATASETS if PROFILING["enabled"] else []:
             index=f"results/{_dataset}/crops/index.parquet",
             stores=[store_of(_dataset, a) for a in trained_architectures(_dataset)],
             weights=imagenet_feature_weights(_dataset),
+            controls=control_statistics_files(_dataset),
+            control_index=f"results/{_dataset}/dmso/index.parquet" if normalises_to_controls() else [],
+            control_stores=control_stores(_dataset),
         output:
             scores=report(
                 f"results/{_dataset}/profiling/literature.csv",
@@ -39,6 +75,22 @@ for _dataset in MOA_DATASETS if PROFILING["enabled"] else []:
             weights=lambda wc, input: [f"{a}={data_of(r)}" for a, r in zip(imagenet_feature_architectures(), input.weights)],
             statistic=PROFILING["statistic"],
             normalisation=PROFILING["normalisation"],
+            regularisation=PROFILING["sphering_regularisation"],
+            controls=[
+                f"{a}/{i}={path}"
+                for (a, i), path in zip(
+                    [(a, i) for a in trained_architectures(_dataset) for i in INITS],
+                    control_statistics_files(_dataset),
+                )
+            ],
+            control_index=lambda wc, input: input.control_index or "",
+            control_stores=[
+                f"{a}={path}"
+                for a, path in zip(
+                    [a for a in imagenet_feature_architectures() if a in trained_architectures(_dataset)],
+                    control_stores(_dataset),
+                )
+            ],
             out_dir=lambda wc, output: os.path.dirname(output.summary),
         log:
             f"results/logs/profiling/{_dataset}.log",
@@ -53,7 +105,9 @@ for _dataset in MOA_DATASETS if PROFILING["enabled"] else []:
             " --folds {input.folds:q} --index {input.index:q} --store {params.stores:q}"
             " --architectures {params.architectures:q} --inits {params.inits:q} --seed {params.seed:q}"
             " --imagenet-weights {params.weights:q} --statistic {params.statistic:q}"
-            " --normalisation {params.normalisation:q} --out-dir {params.out_dir:q} 2> {log:q}"
+            " --normalisation {params.normalisation:q} --sphering-regularisation {params.regularisation:q}"
+            " --controls {params.controls:q} --control-index {params.control_index:q}"
+            " --control-store {params.control_stores:q} --out-dir {params.out_dir:q} 2> {log:q}"
 
     for _architecture in trained_architectures(_dataset):
         for _init in INITS:
