@@ -63,10 +63,13 @@ def local_profile(directory: Path, gpu: int = 0) -> Path:
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
     profile["default-resources"].pop("slurm_account")
     profile["default-resources"].update(slurm_partition="local", mem_mb=1500, runtime=30)
-    profile["set-resources"]["train"].update(slurm_partition="local", gpu=gpu, mem_mb=3000, runtime=30)
-    if not gpu:
-        profile["set-resources"]["train"].pop("cpus_per_gpu")
-    profile["set-threads"]["train"] = 1
+    gpu_rules = [rule for rule, resources in profile["set-resources"].items() if "gpu" in resources]
+    assert {"train", "embed_controls"} <= set(gpu_rules)
+    for rule in gpu_rules:   # the GPU rules: training, and each fold's model embedding the DMSO crops
+        profile["set-resources"][rule].update(slurm_partition="local", gpu=gpu, mem_mb=3000, runtime=30)
+        if not gpu:
+            profile["set-resources"][rule].pop("cpus_per_gpu")
+        profile["set-threads"][rule] = 1
     profile.update({"slurm-no-account": True, "slurm-status-command": "squeue", "jobs": 4,
                     "slurm-init-seconds-before-status-checks": 2, "slurm-keep-successful-logs": True})
     directory.mkdir(parents=True, exist_ok=True)
@@ -99,7 +102,8 @@ def test_jobs_went_through_slurm(slurm_run):
     jobs = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%T|%k"], capture_output=True, text=True,
                           check=True, env=dict(os.environ, **cluster)).stdout.splitlines()
     completed = [comment for state, comment in (line.split("|", 1) for line in jobs) if state == "COMPLETED"]
-    for rule in ("extract_bbbc021_plate", "preprocess_bbbc021_plate", "train", "evaluate_bbbc021", "track_mlflow"):
+    for rule in ("extract_bbbc021_plate", "preprocess_bbbc021_plate", "preprocess_bbbc021_dmso_plate", "train",
+                 "embed_controls", "evaluate_bbbc021", "profile_bbbc021", "track_mlflow"):
         assert any(rule in comment for comment in completed), (rule, jobs[:5])
     # Downloads run on the submit host (localrules): compute nodes often have no internet.
     assert not any("download" in comment for comment in completed)
