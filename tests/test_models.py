@@ -41,8 +41,12 @@ def test_weights_file_values_are_loaded_exactly(tmp_path):
     model = models.build_model("resnet50", 64, 3, weights=str(path))
     loaded = [layer for layer in model.layers if layer.name.startswith("resnet50")][0].get_weights()
     rng = np.random.default_rng(4)
-    expected = [rng.normal(0, 0.05, w.shape).astype(w.dtype) for w in models.backbone("resnet50", 75).get_weights()]
+    reference = models.backbone("resnet50", 75).weights
+    expected = [(1 + np.abs(values) if "moving_variance" in w.path else values).astype(w.dtype)
+                for w in reference for values in [rng.normal(0, 0.05, w.shape)]]
     assert len(loaded) == len(expected) and all(np.array_equal(a, b) for a, b in zip(loaded, expected))
+    variances = [v for v, w in zip(loaded, reference) if "moving_variance" in w.path]
+    assert variances and all((v > 0).all() for v in variances)   # as real weights: features stay finite
 
 
 @pytest.mark.parametrize("order, scaling", [("reversed", "raw"), ("stored", "unit"), ("stored", "symmetric"),

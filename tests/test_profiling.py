@@ -215,3 +215,20 @@ def test_the_cli_names_what_dmso_normalisation_lacks(tmp_path, capsys):
     status = moaflow(["embed-controls", "--models-dir", "m", "--folds", "f", "--index", "i", "--store", "s",
                       "--gpus", "1", "--output", str(tmp_path / "c.npz")])
     assert status == 1 and "asked for 1 GPU(s)" in capsys.readouterr().err and not (tmp_path / "c.npz").exists()
+
+
+def test_non_finite_features_are_refused_not_scored(tmp_path):
+    from moaflow.io import write_array, write_table
+
+    crops = _crops([("a1", "A", 1.0, 0.0), ("b1", "B", 0.0, np.nan)], "p1", batch="W1")
+    (tmp_path / "models" / "m" / "random" / "seed-0" / "f1").mkdir(parents=True)
+    fold_dir = tmp_path / "models" / "m" / "random" / "seed-0" / "f1"
+    write_table(crops.drop(columns=["f_0", "f_1", "fold"]), fold_dir / "test_predictions.parquet")
+    write_array(crops[["f_0", "f_1"]].to_numpy(np.float32), fold_dir / "test_embeddings.npy")
+    pd.DataFrame({"fold": ["f1"], "test_group": ["a1"], "validation_groups": [""], "group_column": ["compound"],
+                  "excluded_batches": [""]}).to_csv(tmp_path / "folds.tsv", sep="\t", index=False)
+    write_table(crops.drop(columns=["f_0", "f_1", "fold"]), tmp_path / "index.parquet")
+    with pytest.raises(ValueError, match="m/random: 1 of 2 crops have non-finite"):
+        profiling.profile_dataset("bbbc021", tmp_path / "models", tmp_path / "folds.tsv", tmp_path / "index.parquet",
+                                  {}, ["m"], ["random"], tmp_path / "out", log=lambda _: None)
+    assert not (tmp_path / "out" / "summary.json").exists()

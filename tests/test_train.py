@@ -252,3 +252,21 @@ def test_real_cells_held_out_compounds_are_classified_above_chance(tmp_path):
                               models_dir=tmp_path / "models", checkpoints_dir=tmp_path / "ck", log=lambda _: None)
     accuracies = [summary["folds"][n]["test_accuracy"] for n in names]
     assert np.mean(accuracies) >= 0.4, accuracies
+
+
+def test_non_finite_predictions_stop_the_fold_by_name(store, tmp_path, monkeypatch):
+    """A model giving NaN (diverged, or broken weights) must not pass as wrong answers (argmax of NaN is 0)."""
+    from moaflow import feeder
+
+    real = feeder.predict
+
+    def with_a_nan(*args, **kwargs):
+        values = real(*args, **kwargs).copy()
+        values[:1] = np.nan
+        return values
+
+    monkeypatch.setattr(feeder, "predict", with_a_nan)
+    fold = folds.read_folds(store[2]).iloc[0]["fold"]
+    with pytest.raises(train.TrainingError, match=f"fold {fold}: 1 of .* not finite"):
+        _job(store, tmp_path, "lab_cnn", 64, [fold], study.hyperparameters("lab", "lab_cnn", QUICK))
+    assert not (tmp_path / "models" / fold / "run.json").exists()

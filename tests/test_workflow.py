@@ -204,6 +204,9 @@ def test_imagenet_weights_are_fetched_once_and_training_only_reads_them(tmp_path
         assert "MD5" in (tmp_path / "results" / "logs" / "download" / "weights_resnet50.log").read_text()
         config["weights"]["published_files"] = {files["resnet50"]: {"md5": digests[files["resnet50"]]}}
         result = run_snakemake(tmp_path, config, target)
+        # The untrained ImageNet features as a profiling source, normalised to DMSO like the trained ones.
+        config["profiling"].update(imagenet_features=True, normalisation="dmso_sphere")
+        run_snakemake(tmp_path, config, "results/bbbc021/profiling/summary.json")
         gets = [p for method, p, _ in weights_server.requests if method == "GET" and p.endswith(".h5")]
     assert "localrule fetch_weights" in result.stdout + result.stderr
     assert len(gets) == 2            # once refused (wrong MD5), once accepted; training fetched nothing
@@ -212,6 +215,11 @@ def test_imagenet_weights_are_fetched_once_and_training_only_reads_them(tmp_path
     assert run["weights"] == "results/weights/resnet50_notop.h5"
     log = next((tmp_path / "results" / "logs" / "training").rglob("*.log")).read_text()
     assert "http" not in log
+    summary = json.loads((tmp_path / "results" / "bbbc021" / "profiling" / "summary.json").read_text())
+    assert set(summary["profiling"]) == {"resnet50/imagenet", "resnet50/imagenet features"}
+    assert summary["profiles"]["normalisation"] == "dmso_sphere"
+    profile_log = (tmp_path / "results" / "logs" / "profiling" / "bbbc021.log").read_text()
+    assert "resnet50/imagenet features: features normalised to the DMSO crops" in profile_log
 
 
 def test_slurm_profile_runs_downloads_and_weights_on_the_submit_host(tmp_path):

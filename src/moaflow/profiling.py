@@ -218,8 +218,9 @@ def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index
 def read_control_statistics(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     """`control_embeddings`'s file as fold name -> `control_statistics`."""
     with np.load(path) as data:
+        # covariance stays float32 here (38 folds of 2048 x 2048 is 0.64 GB); sphering_matrix works in float64
         return {str(fold): {"plates": data["plates"], "means": data["means"][k],
-                            "covariance": data["covariance"][k].astype(np.float64), "count": data["count"][k]}
+                            "covariance": data["covariance"][k], "count": data["count"][k]}
                 for k, fold in enumerate(data["folds"])}
 
 
@@ -361,30 +362,40 @@ def profile_dataset(dataset: str, models_root: str | os.PathLike, folds_path, in
     index = pd.read_parquet(index_path)
     control_index = pd.read_parquet(control_index_path) if to_controls else None
     sources: dict[str, pd.DataFrame] = {}
-    statistics: dict[str, dict] = {}   # source -> fold (None: one model for all crops) -> control statistics
+
+    def normalised(source: str, crops: pd.DataFrame, statistics: dict) -> pd.DataFrame:
+        # Right away, source by source: the statistics of one source's folds can take a GB of memory.
+        if not to_controls:
+            return crops
+        log(f"{source}: features normalised to the DMSO crops of their plate ({normalisation}"
+            + (f", regularisation {sphering_regularisation:g}" if normalisation == "dmso_sphere" else "") + ")")
+        return _normalised_to_controls(crops, statistics, normalisation, sphering_regularisation)
+
     for architecture in architectures:
         for init in inits:
             models = Path(models_root) / architecture / init / f"seed-{seed}"
             source = f"{architecture}/{init}"
-            sources[source] = fold_embeddings(models, folds, log)
-            if to_controls:
-                statistics[source] = read_control_statistics(controls[source])
+            sources[source] = normalised(source, fold_embeddings(models, folds, log),
+                                         read_control_statistics(controls[source]) if to_controls else {})
         if imagenet_weights and architecture in imagenet_weights:
             source = f"{architecture}/imagenet features"
             store = open_store(store_paths[architecture], log=log)
             model = imagenet_feature_model(architecture, imagenet_weights[architecture], store.shape[1])
-            sources[source] = embed(model, index, store)
+            crops = embed(model, index, store)
             log(f"ImageNet features of {architecture}: {len(index)} crops")
+            statistics = {}
             if to_controls:
                 dmso = embed(model, control_index, open_store(control_store_paths[architecture], log=log))
-                statistics[source] = {None: control_statistics(dmso.filter(like="f_").to_numpy(), dmso["plate"])}
+                statistics = {None: control_statistics(dmso.filter(like="f_").to_numpy(), dmso["plate"])}
                 log(f"ImageNet features of {architecture}: {len(control_index)} DMSO crops")
+            sources[source] = normalised(source, crops, statistics)
     rows, profiles, all_matches = [], {}, []
     for source, crops in sources.items():
-        if to_controls:
-            crops = _normalised_to_controls(crops, statistics[source], normalisation, sphering_regularisation)
-            log(f"{source}: features normalised to the DMSO crops of their plate ({normalisation}"
-                + (f", regularisation {sphering_regularisation:g}" if normalisation == "dmso_sphere" else "") + ")")
+        broken = int((~np.isfinite(crops[feature_columns(crops)].to_numpy())).any(axis=1).sum())
+        if broken:
+            # A NaN distance would pick an arbitrary neighbour: stop instead of scoring noise.
+            raise ValueError(f"{source}: {broken} of {len(crops)} crops have non-finite (NaN or inf) features"
+                             + (f" after {normalisation}" if to_controls else ""))
         profiles[source] = treatment_profiles(crops, statistic=statistic,
                                               normalisation="none" if to_controls else normalisation)
         for name, not_same_batch in (("NSC", False), ("NSCB", True)):

@@ -50,6 +50,10 @@ class DeviceError(MoaflowError):
     """A job that asked for a GPU sees none."""
 
 
+class TrainingError(MoaflowError):
+    """A fold's model gives unusable (non-finite) predictions."""
+
+
 def visible_devices() -> list[dict]:
     """The devices the Keras backend sees: kind (cpu/gpu), name and memory (GiB, where the backend says)."""
     import keras
@@ -476,6 +480,12 @@ def _train_fold(trainer: _Trainer, index: pd.DataFrame, labels: np.ndarray, clas
             probabilities = kept["mean"][name] / (epochs - first_last_epoch + 1)
         else:
             probabilities = predict(model, store, positions, hyper["batch_size"])
+        broken = int((~np.isfinite(probabilities)).any(axis=1).sum())
+        if broken:
+            # NaN scores would pass as wrong answers (argmax of NaN is 0): stop, naming the fold.
+            raise TrainingError(f"{record['architecture']} fold {fold_row['fold']}: {broken} of {len(positions)} "
+                                f"{name} predictions are not finite (NaN or inf) after {len(history)} epoch(s): "
+                                f"training diverged (learning rate, precision) or the initial weights are broken")
         if head == "sigmoid":
             probabilities = np.concatenate([1 - probabilities, probabilities], axis=1)
         frame = index.iloc[positions].reset_index(drop=True).copy()
