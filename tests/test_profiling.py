@@ -193,7 +193,7 @@ def test_each_fold_is_normalised_to_its_own_models_dmso_crops(tmp_path):
         means.append(statistics["means"])
         covariances.append(statistics["covariance"])
     np.savez(tmp_path / "controls.npz", folds=np.array(["f1", "f2"]), plates=np.array(["p1"]),
-             means=np.stack(means), covariance=np.stack(covariances), count=np.array([300, 300]))
+             means=np.stack(means), covariance=np.stack(covariances))
     embedded = profiling.fold_embeddings(tmp_path, folds_table, log=lambda _: None)
     raw = profiling.treatment_profiles(embedded)
     assert profiling.nearest_neighbour_moa(raw, not_same_batch=True)[0]["correct"].mean() < 1.0

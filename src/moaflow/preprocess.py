@@ -101,14 +101,16 @@ def preprocess_plate(
         normaliser = normalise.percentile_normalise
     else:
         raise ValueError(f"normalisation={normalisation!r}: expected 'study' or 'percentile'")
-    del dmso_fields
     log(f"{plate}: DMSO statistics from {len(dmso)} fields")
+    # The DMSO fields are in memory already: cropping them (controls) reads no TIFF twice.
+    fields_read = iter(dmso_fields) if controls else (read_field(r, shape) for _, r in annotated.iterrows())
+    del dmso_fields
     kept = {size: [] for size in sizes}
     records = []
     dropped = 0
     step = max(1, len(annotated) // 10)
-    for n, (_, row) in enumerate(annotated.iterrows(), 1):
-        image, above = normaliser(read_field(row, shape), *stats, illumination, threshold=empty_threshold)
+    for n, ((_, row), field) in enumerate(zip(annotated.iterrows(), fields_read), 1):
+        image, above = normaliser(field, *stats, illumination, threshold=empty_threshold)
         positions, resized = crops.field_crops(image, above, grid, sizes, empty_fraction)
         dropped += grid[0] * grid[1] - len(positions)
         for size in sizes:

@@ -108,9 +108,8 @@ def control_statistics(features: np.ndarray, plates) -> dict[str, np.ndarray]:
     Returns
     -------
     statistics : dict
-        ``plates`` (P,), ``means`` (P, D) float64, ``covariance`` (D, D) float64
-        (of the features centred on their plate's mean, divided by N - P) and
-        ``count`` (N).
+        ``plates`` (P,), ``means`` (P, D) float64 and ``covariance`` (D, D)
+        float64 (of the features centred on their plate's mean, divided by N - P).
     """
     features = np.asarray(features, dtype=np.float64)
     plates = np.asarray(plates).astype(str)
@@ -121,7 +120,7 @@ def control_statistics(features: np.ndarray, plates) -> dict[str, np.ndarray]:
     means = np.stack([features[position == k].mean(0) for k in range(len(names))])
     centred = features - means[position]
     covariance = centred.T @ centred / max(len(features) - len(names), 1)
-    return {"plates": names, "means": means, "covariance": covariance, "count": np.array(len(features))}
+    return {"plates": names, "means": means, "covariance": covariance}
 
 
 def sphering_matrix(covariance: np.ndarray, regularisation: float) -> np.ndarray:
@@ -182,15 +181,16 @@ def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index
     crops must be embedded by that same model for the two to share a feature
     space. Only `control_statistics` are kept per fold (the plates' means and
     the covariance), in ``output`` (``.npz``: ``folds``, ``plates``, ``means``
-    (F, P, D), ``covariance`` (F, D, D), ``count`` (F)), written atomically.
+    (F, P, D), ``covariance`` (F, D, D)), written atomically.
     """
     import keras
 
+    from moaflow.feeder import predict
     from moaflow.io import atomic_path
     from moaflow.models import embedding_model, load_model
 
     started = time.monotonic()
-    gathered: dict[str, list] = {"means": [], "covariance": [], "count": []}
+    gathered: dict[str, list] = {"means": [], "covariance": []}
     plates = None
     names = list(folds["fold"])
     for n, fold in enumerate(names, 1):
@@ -198,8 +198,8 @@ def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index
         if not path.is_file():
             raise FileNotFoundError(f"{path}: fold {fold}'s trained model is missing (its training job has not "
                                     f"finished)")
-        statistics = control_statistics(embed(embedding_model(load_model(path)), index, store, batch_size)
-                                        .filter(like="f_").to_numpy(), index["plate"])
+        features = predict(embedding_model(load_model(path)), store, np.arange(len(index)), batch_size)
+        statistics = control_statistics(features, index["plate"])
         keras.backend.clear_session()   # one model at a time in memory
         if plates is None:
             plates = statistics["plates"]
@@ -211,16 +211,14 @@ def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index
     with atomic_path(output) as tmp:
         with open(tmp, "wb") as handle:
             np.savez(handle, folds=np.array(names), plates=plates, means=np.stack(gathered["means"]),
-                     covariance=np.stack(gathered["covariance"]).astype(np.float32),
-                     count=np.array(gathered["count"]))
+                     covariance=np.stack(gathered["covariance"]).astype(np.float32))
 
 
 def read_control_statistics(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     """`control_embeddings`'s file as fold name -> `control_statistics`."""
     with np.load(path) as data:
         # covariance stays float32 here (38 folds of 2048 x 2048 is 0.64 GB); sphering_matrix works in float64
-        return {str(fold): {"plates": data["plates"], "means": data["means"][k],
-                            "covariance": data["covariance"][k], "count": data["count"][k]}
+        return {str(fold): {"plates": data["plates"], "means": data["means"][k], "covariance": data["covariance"][k]}
                 for k, fold in enumerate(data["folds"])}
 
 
@@ -352,7 +350,7 @@ def profile_dataset(dataset: str, models_root: str | os.PathLike, folds_path, in
     sources embed the DMSO crops (``control_index_path``, ``control_store_paths``) here.
     """
     from moaflow import folds as folds_module
-    from moaflow.feeder import open_store
+    from moaflow.feeder import open_store, predict
 
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation={normalisation!r}: expected one of {', '.join(NORMALISATIONS)}")
@@ -385,8 +383,9 @@ def profile_dataset(dataset: str, models_root: str | os.PathLike, folds_path, in
             log(f"ImageNet features of {architecture}: {len(index)} crops")
             statistics = {}
             if to_controls:
-                dmso = embed(model, control_index, open_store(control_store_paths[architecture], log=log))
-                statistics = {None: control_statistics(dmso.filter(like="f_").to_numpy(), dmso["plate"])}
+                dmso = predict(model, open_store(control_store_paths[architecture], log=log),
+                               np.arange(len(control_index)), 64)
+                statistics = {None: control_statistics(dmso, control_index["plate"])}
                 log(f"ImageNet features of {architecture}: {len(control_index)} DMSO crops")
             sources[source] = normalised(source, crops, statistics)
     rows, profiles, all_matches = [], {}, []

@@ -51,8 +51,15 @@ for _name in DATASETS:
             raise ValueError(f"{_section}.{_name}: missing; a crops dataset needs its own {_section} section")
 # Datasets classified by mechanism of action (evaluated alike); BBBC014 is a translocation yes/no.
 MOA_DATASETS = [d for d in DATASETS if d != "bbbc014"]
+
+
+def normalises_to_controls():
+    """profiling.normalisation dmso_*: profiles normalised to each plate's DMSO crops."""
+    return config["profiling"]["enabled"] and config["profiling"]["normalisation"] in CONTROL_NORMALISATIONS
+
+
 # Normalising profiles to DMSO needs DMSO crops, which only BBBC021's plates have (crops sets hold treatments).
-if config["profiling"]["enabled"] and config["profiling"]["normalisation"] in CONTROL_NORMALISATIONS:
+if normalises_to_controls():
     for _name in MOA_DATASETS:
         if _name in CROPS:
             raise ValueError(
@@ -180,33 +187,26 @@ def imagenet_feature_weights(dataset):
     ]
 
 
-def normalises_to_controls():
-    """profiling.normalisation dmso_*: profiles normalised to each plate's DMSO crops."""
-    return config["profiling"]["enabled"] and config["profiling"]["normalisation"] in CONTROL_NORMALISATIONS
-
-
 def control_statistics_files(dataset):
-    """Each trained model's DMSO statistics (rule embed_controls), for the seed that profiling uses."""
+    """Source (architecture/init) -> its DMSO statistics (rule embed_controls), for the seed profiling uses."""
     if not normalises_to_controls():
-        return []
-    return expand(
-        "results/{dataset}/profiling/controls/{architecture}/{init}/seed-{seed}.npz",
-        dataset=dataset,
-        architecture=trained_architectures(dataset),
-        init=INITS,
-        seed=TRAIN["seeds"][0],
-    )
+        return {}
+    return {
+        f"{a}/{i}": f"results/{dataset}/profiling/controls/{a}/{i}/seed-{TRAIN['seeds'][0]}.npz"
+        for a in trained_architectures(dataset)
+        for i in INITS
+    }
 
 
 def control_stores(dataset):
-    """The DMSO crop stores the untrained ImageNet sources embed (profiling normalised to DMSO)."""
+    """Architecture -> the DMSO crop store its untrained ImageNet features embed (profiling normalised to DMSO)."""
     if not normalises_to_controls():
-        return []
-    return [
-        f"results/{dataset}/dmso/{TRAIN[dataset]['input_sizes'][a]}.npy"
+        return {}
+    return {
+        a: f"results/{dataset}/dmso/{TRAIN[dataset]['input_sizes'][a]}.npy"
         for a in imagenet_feature_architectures()
         if a in trained_architectures(dataset)
-    ]
+    }
 
 
 def training_jobs(dataset):

@@ -47,9 +47,9 @@ for _dataset in MOA_DATASETS if PROFILING["enabled"] else []:
             index=f"results/{_dataset}/crops/index.parquet",
             stores=[store_of(_dataset, a) for a in trained_architectures(_dataset)],
             weights=imagenet_feature_weights(_dataset),
-            controls=control_statistics_files(_dataset),
+            controls=list(control_statistics_files(_dataset).values()),
             control_index=f"results/{_dataset}/dmso/index.parquet" if normalises_to_controls() else [],
-            control_stores=control_stores(_dataset),
+            control_stores=list(control_stores(_dataset).values()),
         output:
             scores=report(
                 f"results/{_dataset}/profiling/literature.csv",
@@ -76,21 +76,9 @@ for _dataset in MOA_DATASETS if PROFILING["enabled"] else []:
             statistic=PROFILING["statistic"],
             normalisation=PROFILING["normalisation"],
             regularisation=PROFILING["sphering_regularisation"],
-            controls=[
-                f"{a}/{i}={path}"
-                for (a, i), path in zip(
-                    [(a, i) for a in trained_architectures(_dataset) for i in INITS],
-                    control_statistics_files(_dataset),
-                )
-            ],
+            controls=[f"{s}={path}" for s, path in control_statistics_files(_dataset).items()],
             control_index=lambda wc, input: input.control_index or "",
-            control_stores=[
-                f"{a}={path}"
-                for a, path in zip(
-                    [a for a in imagenet_feature_architectures() if a in trained_architectures(_dataset)],
-                    control_stores(_dataset),
-                )
-            ],
+            control_stores=[f"{a}={path}" for a, path in control_stores(_dataset).items()],
             out_dir=lambda wc, output: os.path.dirname(output.summary),
         log:
             f"results/logs/profiling/{_dataset}.log",
