@@ -13,9 +13,10 @@ import pytest
 import tifffile
 import yaml
 
-from moaflow import download, standin
-from moaflow.image_table import bbbc021_image_table
-from moaflow.serve import StandinServer
+from moaflow.datasets import download
+from moaflow.devtools import standin
+from moaflow.datasets.tables import bbbc021_image_table
+from moaflow.devtools.serve import StandinServer
 from moaflow.study import BBBC021_PLATES_BY_WEEK
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ LAB_COLUMNS = {k: k for k in ("compound", "concentration", "moa", "plate", "well
 
 
 def lab_table():
-    from moaflow.image_table import crops_table
+    from moaflow.datasets.tables import crops_table
 
     return crops_table(LAB_SUBSET / "images", LAB_SUBSET / "labels.csv", columns=LAB_COLUMNS,
                        filename="bbbc021v1_{index}.png", separator=";", batch_pattern="^(Week[0-9]+)_",
@@ -61,7 +62,7 @@ def tiny_config(workdir: Path, server_url: str) -> dict:
     Writes the folds files (they are read at parse time, before any data exists)
     into ``workdir`` and points the config at them with absolute paths.
     """
-    from moaflow import folds
+    from moaflow.learn import folds
 
     config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     treatments = pd.DataFrame(standin.select_treatments(
@@ -118,19 +119,20 @@ def build_crop_store(out: Path, sizes: list[int], controls: bool = False, **stan
     Uses the pipeline's own functions; returns (folder with <size>.npy, index path).
     With ``controls`` the plates' DMSO crops are gathered as well, into ``out/dmso``.
     """
-    from moaflow import download, image_table, preprocess, store
-    from moaflow.io import write_array, write_table
+    from moaflow.datasets import download, tables
+    from moaflow.preprocess import plates, store
+    from moaflow.files import write_array, write_table
 
     manifest = standin.write_bbbc021(out, log=lambda _: None, **standin_settings)
     www = out / "www" / "BBBC021"
     for plate in manifest["plates"]:
         download.extract_archive(www / f"BBBC021_v1_images_{plate}.zip", out / "images" / plate,
                                  member_root=plate, log=lambda _: None)
-    table = image_table.bbbc021_image_table(www / "BBBC021_v1_image.csv", www / "BBBC021_v1_moa.csv", out / "images")
+    table = tables.bbbc021_image_table(www / "BBBC021_v1_image.csv", www / "BBBC021_v1_moa.csv", out / "images")
     for kind in ("crops", "dmso") if controls else ("crops",):
         parts = []
         for plate in manifest["plates"]:
-            arrays, index = preprocess.preprocess_plate(table[table["plate"] == plate], sizes=sizes,
+            arrays, index = plates.preprocess_plate(table[table["plate"] == plate], sizes=sizes,
                                                         controls=kind == "dmso")
             for size, array in arrays.items():
                 write_array(array, out / f"{plate}.{kind}.{size}.npy")

@@ -13,7 +13,8 @@ from datetime import datetime
 import pandas as pd
 import pytest
 
-from moaflow import folds, tracking
+from moaflow.learn import folds
+from moaflow import tracking
 
 from .conftest import BIN, build_crop_store
 

@@ -36,7 +36,7 @@ def _json(text: str):
 # command loads only what it needs (most never import Keras).
 
 def _standin(a):
-    from moaflow import standin
+    from moaflow.devtools import standin
 
     if a.dataset == "bbbc021":
         standin.write_bbbc021(a.out, n_plates=a.plates, sites=a.sites, dmso_wells=a.dmso_wells, moas=a.moas,
@@ -48,27 +48,27 @@ def _standin(a):
 
 
 def _serve(a):
-    from moaflow.serve import serve
+    from moaflow.devtools.serve import serve
 
     serve(a.root, a.port, ignore_range=a.ignore_range, rate=a.rate)
 
 
 def _fetch(a):
-    from moaflow import download
+    from moaflow.datasets import download
 
     download.fetch(a.url, a.output, retries=a.retries, backoff_seconds=a.backoff, timeout_seconds=a.timeout,
                    verify=download.content_check(a.kind), size=a.bytes, sha256=a.sha256)
 
 
 def _extract_bbbc021(a):
-    from moaflow import download
+    from moaflow.datasets import download
 
     download.extract_bbbc021_plate(a.archive, a.output, image_csv=a.image_csv, plate=a.plate,
                                    max_bytes=int(a.max_gb * 2**30), max_pixels=int(a.max_megapixels * 1e6))
 
 
 def _extract_bbbc014(a):
-    from moaflow import download
+    from moaflow.datasets import download
 
     download.extract_bbbc014_images(a.archive, a.output, member_root=a.member_root,
                                     expected_count=a.expected_images, max_bytes=int(a.max_gb * 2**30),
@@ -76,47 +76,47 @@ def _extract_bbbc014(a):
 
 
 def _table(a):
-    from moaflow import image_table
+    from moaflow.datasets import tables
 
     if a.dataset == "bbbc021":
-        image_table.write_bbbc021_table(a.image_csv, a.moa_csv, a.image_root, a.output, plates=a.plates,
+        tables.write_bbbc021_table(a.image_csv, a.moa_csv, a.image_root, a.output, plates=a.plates,
                                         taxol_rule=not a.no_taxol_rule)
     elif a.dataset == "bbbc014":
-        image_table.write_bbbc014_table(a.image_root, a.output, settings=a.settings)
+        tables.write_bbbc014_table(a.image_root, a.output, settings=a.settings)
     else:
-        image_table.write_crops_table(a.settings, a.output)
+        tables.write_crops_table(a.settings, a.output)
 
 
 def _illumination(a):
-    from moaflow import illumination
+    from moaflow.preprocess import illumination
 
     illumination.plate_illumination(a.image_csv, a.image_root, a.plate, a.output_dir, filter_size=a.filter_size,
                                     downscale=a.downscale, robust_percentile=a.robust_percentile)
 
 
 def _preprocess_plate(a):
-    from moaflow import preprocess
+    from moaflow.preprocess import plates
 
-    preprocess.preprocess_plate_files(
+    plates.preprocess_plate_files(
         a.table, a.plate, a.output_prefix, illumination_dir=a.illumination_dir, sizes=a.sizes,
         grid=tuple(a.grid), normalisation=a.normalisation, percentiles=tuple(a.percentiles),
         empty_threshold=a.empty_threshold, empty_fraction=a.empty_fraction, controls=a.controls)
 
 
 def _gather(a):
-    from moaflow import store
+    from moaflow.preprocess import store
 
     store.gather_plates(a.prefixes, a.sizes, a.output_dir)
 
 
 def _preprocess_bbbc014(a):
-    from moaflow import preprocess
+    from moaflow.preprocess import plates
 
-    preprocess.preprocess_bbbc014_files(a.table, a.output_dir, sizes=a.sizes, grid=tuple(a.grid), minmax=a.minmax)
+    plates.preprocess_bbbc014_files(a.table, a.output_dir, sizes=a.sizes, grid=tuple(a.grid), minmax=a.minmax)
 
 
 def _folds(a):
-    from moaflow import folds
+    from moaflow.learn import folds
 
     folds.write_dataset_folds(a.dataset, a.output, index=a.index, image_csv=a.image_csv, moa_csv=a.moa_csv,
                               validation_compounds=a.validation_compounds, seed=a.seed, variant=a.variant,
@@ -124,13 +124,13 @@ def _folds(a):
 
 
 def _preprocess_crops(a):
-    from moaflow import preprocess
+    from moaflow.preprocess import plates
 
-    preprocess.preprocess_crops_files(a.table, a.output_dir, sizes=a.sizes)
+    plates.preprocess_crops_files(a.table, a.output_dir, sizes=a.sizes)
 
 
 def _check_folds(a):
-    from moaflow import folds
+    from moaflow.learn import folds
 
     folds.check_folds_file(a.folds, a.index, a.output)
 
@@ -146,7 +146,8 @@ def _device_environment(gpus: int | None) -> None:
 
 def _train(a):
     _device_environment(a.gpus)
-    from moaflow import study, train
+    from moaflow import study
+    from moaflow.learn import train
 
     hyper = study.hyperparameters(a.preset, a.architecture, a.hyperparameters or {})
     train.train_job(a.store, a.index, a.folds, a.fold, architecture=a.architecture, weights=a.weights, hyper=hyper,
@@ -159,7 +160,7 @@ def _train(a):
 
 
 def _evaluate(a):
-    from moaflow import evaluate
+    from moaflow.analysis import evaluate
 
     if a.predictions:
         evaluate.evaluate_external(a.predictions, a.out_dir)
@@ -190,7 +191,7 @@ def _pairs(text: str) -> tuple[str, str]:
 
 
 def _profile(a):
-    from moaflow import profiling
+    from moaflow.analysis import profiling
 
     if a.normalisation in profiling.CONTROL_NORMALISATIONS:
         missing = [f"--{n.replace('_', '-')}" for n in ("controls", "control_index") if not getattr(a, n)]
@@ -210,8 +211,9 @@ def _embed_controls(a):
     _device_environment(a.gpus)
     import pandas as pd
 
-    from moaflow import folds, profiling, train
-    from moaflow.feeder import open_store
+    from moaflow.learn import folds, train
+    from moaflow.analysis import profiling
+    from moaflow.learn.feeder import open_store
 
     train.check_devices(a.gpus or 0, a.allow_cpu or a.gpus is None)
     profiling.control_embeddings(a.models_dir, folds.read_folds(a.folds), pd.read_parquet(a.index),
@@ -219,21 +221,21 @@ def _embed_controls(a):
 
 
 def _interpret(a):
-    from moaflow import interpretation
-    from moaflow.feeder import open_store
+    from moaflow.analysis import interpretation
+    from moaflow.learn.feeder import open_store
 
     interpretation.interpret_run(a.models_dir, open_store(a.store), a.output, architecture=a.architecture,
                                  per_class=a.per_class, channel_names=a.channels.split(","))
 
 
 def _bench_preprocess(a):
-    from moaflow import bench
+    from moaflow.devtools import bench
 
     bench.bench_preprocess(a.out, a.repeats)
 
 
 def _bench_training(a):
-    from moaflow import bench
+    from moaflow.devtools import bench
 
     if a.feeder:
         bench.bench_feeder(batch_size=a.batch_size)
@@ -244,7 +246,7 @@ def _bench_training(a):
 
 
 def _demo(a):
-    from moaflow import demo
+    from moaflow.devtools import demo
 
     return demo.run_demo(a.configfile, a.snakefile, a.cores, a.snakemake_args)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from moaflow.io import write_json
+from moaflow.files import write_json
 from moaflow.logs import stderr
 
 DEFAULT_URI = "sqlite:///results/mlflow/mlflow.db"
@@ -111,7 +111,7 @@ def _fold_dataset(run: dict):
     import mlflow.data
     from mlflow.entities import DatasetInput, InputTag
 
-    from moaflow import folds
+    from moaflow.learn import folds
 
     index = pd.read_parquet(run["index_path"])
     parts = folds.split(index, {"fold": run["fold"], "group_column": run.get("group_column", "compound"),

@@ -8,9 +8,9 @@ from importlib import resources
 
 from snakemake.utils import min_version, validate
 
-from moaflow.folds import dataset_folds
-from moaflow.image_table import crops_table
-from moaflow.profiling import CONTROL_NORMALISATIONS
+from moaflow.learn.folds import dataset_folds
+from moaflow.datasets.tables import crops_table
+from moaflow.analysis.profiling import CONTROL_NORMALISATIONS
 from moaflow.study import (
     BBBC021_CHANNELS,
     BBBC021_STORED_ORDER,

@@ -62,7 +62,7 @@ rule train:
         folds="results/{dataset}/folds.tsv",
         weights=lambda wc: weights_input(wc.init, wc.architecture),
     output:
-        # the job's summary; each fold's outputs go to .../seed-{seed}/<fold>/ (see moaflow.train)
+        # the job's summary; each fold's outputs go to .../seed-{seed}/<fold>/ (see moaflow.learn.train)
         "results/{dataset}/models/{architecture}/{init}/seed-{seed}/jobs/{chunk}.json",
     params:
         folds=lambda wc: fold_chunks(wc.dataset)[wc.chunk],

@@ -4,7 +4,7 @@
 # change what a verified extraction holds.
 import json
 
-from moaflow import download
+from moaflow.datasets import download
 from moaflow.logs import log_file, one_line_errors
 
 config, params, inputs = snakemake.config, snakemake.params, snakemake.input  # noqa: F821 - from Snakemake

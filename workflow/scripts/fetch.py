@@ -2,7 +2,7 @@
 # from the config here rather than passed as params: they cannot change a file's content, and a params
 # change makes Snakemake delete and redo an output. The data file sits beside the declared output (its
 # receipt), so no rerun deletes it; a rerun re-verifies it and transfers nothing.
-from moaflow import download
+from moaflow.datasets import download
 from moaflow.logs import log_file, one_line_errors
 
 config, params = snakemake.config, snakemake.params  # noqa: F821 - provided by Snakemake

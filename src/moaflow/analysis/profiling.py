@@ -1,0 +1,457 @@
+"""Image-based profiling scores: treatment profiles from network features, and 1-nearest-neighbour MoA
+accuracy "not same compound" (NSC) and "not same compound or batch" (NSCB).
+
+Sources of features:
+
+* each trained fold's model embeds the crops of the compound it held out (the
+  pooled features before the classifier), so no treatment is embedded by a
+  model that saw it in training;
+* "ImageNet features, no training": the same architectures with their
+  ImageNet weights, untouched, embed every crop.
+
+Profiles are the mean (or median) of a well's crops, then of a treatment's
+wells. Optionally the crops' features are first normalised to the DMSO
+(negative control) crops of their plate, embedded by the same model: centred
+on the plate's DMSO mean (``dmso_center``), then also sphered, i.e. whitened
+with the DMSO crops' within-plate covariance (``dmso_sphere``, the typical
+variation normalisation of Ando et al. 2017 and DeepProfiler); or the
+treatment profiles are standardised per feature (``standardize``). A treatment's
+nearest neighbour (cosine distance) must come from another compound (NSC), and
+for NSCB also from another batch; MoAs found in a single batch cannot be scored
+under NSCB and are left out, with the count stated.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from moaflow.files import save_figure, write_json, write_table
+from moaflow.logs import stderr
+
+#: profiling.normalisation values that normalise features to each plate's DMSO crops.
+CONTROL_NORMALISATIONS = ("dmso_center", "dmso_sphere")
+#: Every profiling.normalisation value.
+NORMALISATIONS = ("none", "standardize", *CONTROL_NORMALISATIONS)
+
+#: Identity columns of a crop, well and treatment profile.
+TREATMENT_KEYS = ["compound", "concentration"]
+WELL_KEYS = ["plate", "well"]
+
+
+def feature_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c.startswith("f_")]
+
+
+def fold_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, log=stderr) -> pd.DataFrame:
+    """Features of every held-out crop, each from the model of the fold that held it out: the training job
+    wrote them (``test_embeddings.npy``, rows as ``test_predictions.parquet``).
+
+    Returns
+    -------
+    frame : pandas.DataFrame
+        The held-out crops' index columns, their ``fold``, and ``f_0 ... f_k``.
+    """
+    frames = []
+    for fold in folds["fold"]:
+        crops = pd.read_parquet(Path(models_dir) / fold / "test_predictions.parquet")
+        features = np.load(Path(models_dir) / fold / "test_embeddings.npy")
+        if len(features) != len(crops):
+            raise ValueError(f"{models_dir}/{fold}: {len(features)} embeddings for {len(crops)} held-out crops")
+        frames.append(pd.concat([crops.drop(columns=[c for c in crops if c.startswith("p_")]).assign(fold=fold),
+                                 pd.DataFrame(features, columns=[f"f_{i}" for i in range(features.shape[1])])],
+                                axis=1))
+    frame = pd.concat(frames, ignore_index=True)
+    log(f"{models_dir}: {len(frame)} held-out crops of {len(folds)} folds, {features.shape[1]} features")
+    return frame
+
+
+def imagenet_feature_model(architecture: str, weights: str | os.PathLike, input_size: int):
+    """The architecture's ImageNet weights, untrained, from uint8 crops to pooled features (the study's
+    input transform: reversed channels, raw 0..255)."""
+    import keras
+
+    from moaflow.learn.models import backbone, input_transform
+
+    kernel, bias = input_transform("reversed", "raw")
+    inputs = keras.Input((input_size, input_size, 3), dtype="uint8")
+    x = keras.layers.Rescaling(1.0, dtype="float32")(inputs)
+    transform = keras.layers.Conv2D(3, 1, trainable=False, dtype="float32")
+    x = transform(x)
+    transform.set_weights([kernel, bias])
+    return keras.Model(inputs, backbone(architecture, input_size, weights)(x))
+
+
+def embed(model, index: pd.DataFrame, store, batch_size: int = 64) -> pd.DataFrame:
+    """``index`` with the features ``model`` gives every crop of ``store`` (``f_0 ... f_k``)."""
+    from moaflow.learn.feeder import predict
+
+    features = predict(model, store, np.arange(len(index)), batch_size)
+    return pd.concat([index.reset_index(drop=True),
+                      pd.DataFrame(features, columns=[f"f_{i}" for i in range(features.shape[1])])], axis=1)
+
+
+def control_statistics(features: np.ndarray, plates) -> dict[str, np.ndarray]:
+    """What normalising to the DMSO crops needs: each plate's mean and the pooled within-plate covariance.
+
+    Parameters
+    ----------
+    features : ndarray (N, D)
+        The DMSO crops' features, from one model.
+    plates : array-like of str, length N
+        Each crop's plate.
+
+    Returns
+    -------
+    statistics : dict
+        ``plates`` (P,), ``means`` (P, D) float64 and ``covariance`` (D, D)
+        float64 (of the features centred on their plate's mean, divided by N - P).
+    """
+    features = np.asarray(features, dtype=np.float64)
+    plates = np.asarray(plates).astype(str)
+    if len(features) != len(plates) or len(features) == 0:
+        raise ValueError(f"{len(features)} DMSO feature rows for {len(plates)} plate labels; expected as many, "
+                         f"and at least one")
+    names, position = np.unique(plates, return_inverse=True)
+    means = np.stack([features[position == k].mean(0) for k in range(len(names))])
+    centred = features - means[position]
+    covariance = centred.T @ centred / max(len(features) - len(names), 1)
+    return {"plates": names, "means": means, "covariance": covariance}
+
+
+def sphering_matrix(covariance: np.ndarray, regularisation: float) -> np.ndarray:
+    """ZCA whitening ``V diag(1 / sqrt(lambda + epsilon)) V^T`` of a covariance.
+
+    ``epsilon`` is ``regularisation`` times the mean eigenvalue: it keeps
+    directions along which the DMSO crops barely vary from being amplified
+    without bound (with 0 the sphered controls have exactly the identity
+    covariance, and a singular covariance is an error).
+    """
+    if regularisation < 0:
+        raise ValueError(f"regularisation={regularisation}: expected >= 0")
+    eigenvalues, vectors = np.linalg.eigh(np.asarray(covariance, dtype=np.float64))
+    eigenvalues = np.clip(eigenvalues, 0, None)
+    floor = eigenvalues + regularisation * eigenvalues.mean()
+    if floor.min() <= 0:
+        raise ValueError("the DMSO covariance is singular (fewer DMSO crops than features, or constant "
+                         "features): sphering needs profiling.sphering_regularisation > 0")
+    return (vectors / np.sqrt(floor)) @ vectors.T
+
+
+def normalise_to_controls(features: np.ndarray, plates, statistics: dict, *, method: str,
+                          regularisation: float = 0.01) -> np.ndarray:
+    """Features normalised to their plate's DMSO crops, as embedded by the same model.
+
+    Parameters
+    ----------
+    features : ndarray (N, D)
+    plates : array-like of str, length N
+        Each row's plate; every one must have DMSO statistics.
+    statistics : dict
+        From `control_statistics` of the same model's DMSO features.
+    method : {"dmso_center", "dmso_sphere"}
+        ``dmso_center`` subtracts the plate's DMSO mean; ``dmso_sphere`` then
+        whitens with `sphering_matrix` of the DMSO covariance.
+    regularisation : float
+        See `sphering_matrix`.
+    """
+    if method not in CONTROL_NORMALISATIONS:
+        raise ValueError(f"method={method!r}: expected one of {', '.join(CONTROL_NORMALISATIONS)}")
+    plates = np.asarray(plates).astype(str)
+    names = np.asarray(statistics["plates"]).astype(str)
+    missing = sorted(set(plates) - set(names))
+    if missing:
+        raise ValueError(f"no DMSO crops for plate(s) {', '.join(missing)}: cannot normalise their crops to "
+                         f"DMSO (profiling.normalisation {method})")
+    centred = np.asarray(features, dtype=np.float64) - statistics["means"][np.searchsorted(names, plates)]
+    if method == "dmso_center":
+        return centred
+    return centred @ sphering_matrix(statistics["covariance"], regularisation)
+
+
+def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index: pd.DataFrame, store,
+                       output: str | os.PathLike, *, batch_size: int = 64, log=stderr) -> None:
+    """Embed the DMSO crops with every fold's trained model and keep what normalising needs.
+
+    Each fold's model embeds its held-out crops (`fold_embeddings`), so the DMSO
+    crops must be embedded by that same model for the two to share a feature
+    space. Only `control_statistics` are kept per fold (the plates' means and
+    the covariance), in ``output`` (``.npz``: ``folds``, ``plates``, ``means``
+    (F, P, D), ``covariance`` (F, D, D)), written atomically.
+    """
+    import keras
+
+    from moaflow.learn.feeder import predict
+    from moaflow.files import atomic_path
+    from moaflow.learn.models import embedding_model, load_model
+
+    started = time.monotonic()
+    gathered: dict[str, list] = {"means": [], "covariance": []}
+    plates = None
+    names = list(folds["fold"])
+    for n, fold in enumerate(names, 1):
+        path = Path(models_dir) / fold / "model.keras"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: fold {fold}'s trained model is missing (its training job has not "
+                                    f"finished)")
+        features = predict(embedding_model(load_model(path)), store, np.arange(len(index)), batch_size)
+        statistics = control_statistics(features, index["plate"])
+        keras.backend.clear_session()   # one model at a time in memory
+        if plates is None:
+            plates = statistics["plates"]
+        for key in gathered:
+            gathered[key].append(statistics[key])
+        elapsed = time.monotonic() - started
+        log(f"{models_dir}: fold {n}/{len(names)} ({fold}): {len(index)} DMSO crops of {len(plates)} plate(s) "
+            f"embedded, ETA {elapsed / n * (len(names) - n):.0f} s")
+    with atomic_path(output) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, folds=np.array(names), plates=plates, means=np.stack(gathered["means"]),
+                     covariance=np.stack(gathered["covariance"]).astype(np.float32))
+
+
+def read_control_statistics(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """`control_embeddings`'s file as fold name -> `control_statistics`."""
+    with np.load(path) as data:
+        # covariance stays float32 here (38 folds of 2048 x 2048 is 0.64 GB); sphering_matrix works in float64
+        return {str(fold): {"plates": data["plates"], "means": data["means"][k], "covariance": data["covariance"][k]}
+                for k, fold in enumerate(data["folds"])}
+
+
+def treatment_profiles(crops: pd.DataFrame, *, statistic: str = "mean", normalisation: str = "none") -> pd.DataFrame:
+    """Well profiles (the ``statistic`` of a well's crops), then treatment profiles (of its wells).
+
+    Parameters
+    ----------
+    statistic : {"mean", "median"}
+    normalisation : {"none", "standardize"}
+        ``standardize``: each feature centred and scaled over all treatments.
+        (Normalising to DMSO happens before, on the crops: `normalise_to_controls`.)
+
+    Returns
+    -------
+    profiles : pandas.DataFrame
+        One row per treatment: compound, concentration, moa, the batches its wells came from
+        (``batches``, ``;``-separated) and the features.
+    """
+    if statistic not in ("mean", "median"):
+        raise ValueError(f"statistic={statistic!r}: expected 'mean' or 'median'")
+    features = feature_columns(crops)
+    # Features and labels aggregated apart: one wide aggregation of thousands of columns fragments the frame.
+    by_well = crops.groupby(TREATMENT_KEYS + WELL_KEYS)
+    wells = pd.concat([by_well[["moa", "batch"]].first(), by_well[features].agg(statistic)], axis=1).reset_index()
+    by_treatment = wells.groupby(TREATMENT_KEYS)
+    profiles = pd.concat([by_treatment["moa"].first(),
+                          by_treatment["batch"].agg(lambda b: ";".join(sorted(set(map(str, b))))).rename("batches"),
+                          by_treatment[features].agg(statistic)], axis=1).reset_index()
+    if normalisation == "standardize":
+        values = profiles[features].to_numpy()
+        profiles[features] = (values - values.mean(0)) / np.where(values.std(0) > 0, values.std(0), 1)
+    elif normalisation != "none":
+        raise ValueError(f"normalisation={normalisation!r}: expected 'none' or 'standardize'")
+    return profiles
+
+
+def nearest_neighbour_moa(profiles: pd.DataFrame, *, not_same_batch: bool) -> tuple[pd.DataFrame, dict]:
+    """1-NN MoA calls by cosine distance, neighbours restricted to other compounds (and other batches).
+
+    A treatment's neighbours exclude every treatment of its compound and, with
+    ``not_same_batch``, every treatment that shares a batch with it. Under that
+    rule MoAs present in a single batch have no admissible same-MoA neighbour:
+    they are left out (the usual NSCB protocol), and so is any treatment left
+    with no candidate at all.
+
+    Returns
+    -------
+    matches : pandas.DataFrame
+        Per scored treatment: compound, concentration, moa, neighbour, neighbour's MoA, correct.
+    counts : dict
+        ``scored``, ``left_out_moas`` (names), ``left_out_treatments``.
+    """
+    features = feature_columns(profiles)
+    x = profiles[features].to_numpy(dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x = x / np.where(norms > 0, norms, 1)
+    distance = 1 - x @ x.T
+    compound = profiles["compound"].to_numpy()
+    batches = [set(str(b).split(";")) for b in profiles["batches"]]
+    moas = profiles["moa"].to_numpy()
+    left_out_moas = []
+    if not_same_batch:
+        per_moa = profiles.groupby("moa")["batches"].apply(lambda b: set(";".join(b).split(";")))
+        left_out_moas = sorted(m for m, b in per_moa.items() if len(b) < 2)
+    rows, left_out = [], 0
+    for i in range(len(profiles)):
+        if moas[i] in left_out_moas:
+            continue
+        allowed = compound != compound[i]
+        if not_same_batch:
+            allowed &= np.array([not (batches[i] & b) for b in batches])
+        allowed &= ~np.isin(moas, left_out_moas)
+        if not allowed.any():
+            left_out += 1
+            continue
+        j = np.flatnonzero(allowed)[np.argmin(distance[i, allowed])]
+        rows.append({"compound": compound[i], "concentration": profiles["concentration"].iloc[i], "moa": moas[i],
+                     "neighbour": f"{compound[j]} {profiles['concentration'].iloc[j]:g}", "neighbour_moa": moas[j],
+                     "correct": bool(moas[i] == moas[j])})
+    matches = pd.DataFrame(rows, columns=["compound", "concentration", "moa", "neighbour", "neighbour_moa", "correct"])
+    return matches, {"scored": len(matches), "left_out_moas": left_out_moas, "left_out_treatments": left_out}
+
+
+def literature() -> pd.DataFrame:
+    """Published NSC/NSCB figures on BBBC021 with their sources (package data)."""
+    from importlib import resources
+
+    return pd.read_csv(resources.files("moaflow").joinpath("data/profiling_literature.csv"))
+
+
+def plot_profile_map(profiles: dict[str, pd.DataFrame], path: str | os.PathLike) -> None:
+    """Treatment profiles of each source in 2-D (PCA), coloured by MoA."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    sources = list(profiles)
+    fig, axes = plt.subplots(1, len(sources), figsize=(4.6 * len(sources), 4.2), squeeze=False)
+    moas = sorted({m for p in profiles.values() for m in p["moa"]})
+    colours = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(moas), 2)))
+    for ax, source in zip(axes[0], sources):
+        frame = profiles[source]
+        values = frame[feature_columns(frame)].to_numpy()
+        points = PCA(n_components=2).fit_transform(values) if len(frame) > 2 else np.zeros((len(frame), 2))
+        for moa, colour in zip(moas, colours):
+            mask = (frame["moa"] == moa).to_numpy()
+            ax.scatter(points[mask, 0], points[mask, 1], s=18, color=colour, label=moa)
+        ax.set_title(source, fontsize=9)
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+    axes[0][-1].legend(fontsize=6, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.suptitle("Treatment profiles (PCA), coloured by MoA")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def profile_dataset(dataset: str, models_root: str | os.PathLike, folds_path, index_path, store_paths: dict,
+                    architectures: list[str], inits: list[str], out_dir, *, seed: int = 0,
+                    imagenet_weights: dict | None = None, statistic: str = "mean", normalisation: str = "none",
+                    controls: dict | None = None, control_index_path=None, control_store_paths: dict | None = None,
+                    sphering_regularisation: float = 0.01, log=stderr) -> dict:
+    """Embeddings, treatment profiles, NSC/NSCB per source, the literature table and the map (the rule).
+
+    With a DMSO ``normalisation``, ``controls`` maps each trained source
+    (``architecture/init``) to its `control_embeddings` file; the ImageNet
+    sources embed the DMSO crops (``control_index_path``, ``control_store_paths``) here.
+    """
+    from moaflow.learn import folds as folds_module
+    from moaflow.learn.feeder import open_store, predict
+
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation={normalisation!r}: expected one of {', '.join(NORMALISATIONS)}")
+    to_controls = normalisation in CONTROL_NORMALISATIONS
+    out_dir = Path(out_dir)
+    folds = folds_module.read_folds(folds_path)
+    index = pd.read_parquet(index_path)
+    control_index = pd.read_parquet(control_index_path) if to_controls else None
+    sources: dict[str, pd.DataFrame] = {}
+
+    def normalised(source: str, crops: pd.DataFrame, statistics: dict) -> pd.DataFrame:
+        # Right away, source by source: the statistics of one source's folds can take a GB of memory.
+        if not to_controls:
+            return crops
+        log(f"{source}: features normalised to the DMSO crops of their plate ({normalisation}"
+            + (f", regularisation {sphering_regularisation:g}" if normalisation == "dmso_sphere" else "") + ")")
+        return _normalised_to_controls(crops, statistics, normalisation, sphering_regularisation)
+
+    for architecture in architectures:
+        for init in inits:
+            models = Path(models_root) / architecture / init / f"seed-{seed}"
+            source = f"{architecture}/{init}"
+            sources[source] = normalised(source, fold_embeddings(models, folds, log),
+                                         read_control_statistics(controls[source]) if to_controls else {})
+        if imagenet_weights and architecture in imagenet_weights:
+            source = f"{architecture}/imagenet features"
+            store = open_store(store_paths[architecture], log=log)
+            model = imagenet_feature_model(architecture, imagenet_weights[architecture], store.shape[1])
+            crops = embed(model, index, store)
+            log(f"ImageNet features of {architecture}: {len(index)} crops")
+            statistics = {}
+            if to_controls:
+                dmso = predict(model, open_store(control_store_paths[architecture], log=log),
+                               np.arange(len(control_index)), 64)
+                statistics = {None: control_statistics(dmso, control_index["plate"])}
+                log(f"ImageNet features of {architecture}: {len(control_index)} DMSO crops")
+            sources[source] = normalised(source, crops, statistics)
+    rows, profiles, all_matches = [], {}, []
+    for source, crops in sources.items():
+        broken = int((~np.isfinite(crops[feature_columns(crops)].to_numpy())).any(axis=1).sum())
+        if broken:
+            # A NaN distance would pick an arbitrary neighbour: stop instead of scoring noise.
+            raise ValueError(f"{source}: {broken} of {len(crops)} crops have non-finite (NaN or inf) features"
+                             + (f" after {normalisation}" if to_controls else ""))
+        profiles[source] = treatment_profiles(crops, statistic=statistic,
+                                              normalisation="none" if to_controls else normalisation)
+        for name, not_same_batch in (("NSC", False), ("NSCB", True)):
+            matches, counts = nearest_neighbour_moa(profiles[source], not_same_batch=not_same_batch)
+            accuracy = float(matches["correct"].mean()) if len(matches) else float("nan")
+            rows.append({"source": source, "score": name, "accuracy_percent": 100 * accuracy, **counts,
+                         "left_out_moas": ", ".join(counts["left_out_moas"])})
+            all_matches.append(matches.assign(source=source, score=name))
+            log(f"{source}: {name} {100 * accuracy:.1f} % over {counts['scored']} treatments"
+                + (f" ({len(counts['left_out_moas'])} MoA(s) in a single batch left out)"
+                   if counts["left_out_moas"] else ""))
+    scores = pd.DataFrame(rows).assign(normalisation=normalisation)
+    write_table(scores, out_dir / "nsc_nscb.csv")
+    write_table(pd.concat(all_matches, ignore_index=True), out_dir / "matches.csv")
+    ours = scores.pivot_table(index="source", columns="score", values="accuracy_percent").reset_index()
+    setting = describe_normalisation(normalisation, sphering_regularisation)
+    table = pd.concat([literature(), pd.DataFrame({"method": "this run: " + ours["source"],
+                                                   "nsc_percent": ours.get("NSC"), "nscb_percent": ours.get("NSCB"),
+                                                   "source": f"moaflow, {dataset}, profiles: {statistic} per well "
+                                                             f"then treatment, normalisation {setting}"})],
+                      ignore_index=True)
+    write_table(table, out_dir / "literature.csv")
+    plot_profile_map(profiles, out_dir / "profile_map.png")
+    settings = {"statistic": statistic, "normalisation": normalisation}
+    if normalisation == "dmso_sphere":
+        settings["sphering_regularisation"] = sphering_regularisation
+    summary = {"dataset": dataset, "profiles": settings, "profiling": {r["source"]: {} for r in rows}}
+    for r in rows:
+        summary["profiling"][r["source"]][r["score"]] = r["accuracy_percent"]
+    write_json(summary, out_dir / "summary.json")
+    return summary
+
+
+def describe_normalisation(normalisation: str, regularisation: float) -> str:
+    """The profiling.normalisation setting in words (the literature table and report name it)."""
+    return {"none": "none",
+            "standardize": "standardize (each feature over all treatments)",
+            "dmso_center": "dmso_center (crops centred on their plate's DMSO crops)",
+            "dmso_sphere": f"dmso_sphere (crops centred on their plate's DMSO crops, then sphered with the DMSO "
+                           f"covariance, regularisation {regularisation:g})"}[normalisation]
+
+
+def _normalised_to_controls(crops: pd.DataFrame, statistics: dict, method: str, regularisation: float
+                            ) -> pd.DataFrame:
+    """`normalise_to_controls` per fold: each fold's crops with its own model's DMSO statistics."""
+    features = feature_columns(crops)
+    values = np.array(crops[features], dtype=np.float64)   # a writable copy
+    if None in statistics:   # one model embedded every crop
+        parts = [(np.ones(len(crops), bool), statistics[None])]
+    else:
+        folds = crops["fold"].to_numpy()
+        missing = sorted(set(folds) - set(statistics))
+        if missing:
+            raise ValueError(f"fold(s) {', '.join(missing)}: no DMSO statistics in the control embeddings file")
+        parts = [(folds == fold, statistics[fold]) for fold in pd.unique(folds)]
+    for rows, fold_statistics in parts:
+        values[rows] = normalise_to_controls(values[rows], crops.loc[rows, "plate"], fold_statistics,
+                                             method=method, regularisation=regularisation)
+    return pd.concat([crops.drop(columns=features), pd.DataFrame(values, columns=features, index=crops.index)],
+                     axis=1)

@@ -1,0 +1,351 @@
+"""One row per field of view: the table every later stage reads.
+
+BBBC021 follows Kensert et al. (2019): fields whose (compound, concentration)
+has an MoA in ``BBBC021_v1_moa.csv`` are annotated; taxol is kept only on
+Week1 plates, in wells whose name contains ``D0``, at 0.3, 1 and 3 uM; DMSO
+fields are kept with ``is_dmso`` set (they normalise plates, never a class).
+BBBC014 rows are wells: labels come from the well's column (TNF-alpha
+concentration rank) and the cell line from its row, as in the study's code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from moaflow.errors import MetadataError
+from moaflow.logs import stderr
+from moaflow.study import BBBC021_CHANNELS
+
+BBBC021_REQUIRED_COLUMNS = [
+    "Image_FileName_DAPI", "Image_FileName_Tubulin", "Image_FileName_Actin",
+    "Image_PathName_DAPI", "Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI",
+    "Replicate", "Image_Metadata_Compound", "Image_Metadata_Concentration",
+]
+MOA_REQUIRED_COLUMNS = ["compound", "concentration", "moa"]
+TAXOL_WEEK = "Week1"
+TAXOL_WELL_TAG = "D0"
+TAXOL_CONCENTRATIONS = (0.3, 1.0, 3.0)
+_SITE = re.compile(r"_s(\d+)_w\d")
+
+
+def _read_csv(path, required: list[str], sep: str = ",") -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, sep=sep, low_memory=False)
+    except pd.errors.EmptyDataError:
+        raise MetadataError(f"{path}: empty file; expected a table with columns {required}") from None
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise MetadataError(f"{path}: cannot be read as a table ({exc})") from exc
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise MetadataError(f"{path}: missing column(s) {missing}; expected at least {required}")
+    return frame
+
+
+def _duplicates(frame: pd.DataFrame, keys: list[str], path, what: str) -> None:
+    """Refuse a table in which ``keys`` do not identify rows uniquely, naming the first duplicates."""
+    repeated = frame[frame.duplicated(keys, keep=False)]
+    if len(repeated):
+        shown = repeated[keys].drop_duplicates().head(3).to_dict("records")
+        raise MetadataError(f"{path}: {len(repeated)} rows share their {'/'.join(keys)} ({what}), e.g. {shown}; "
+                            "each must occur once")
+
+
+def _concentration_key(values: pd.Series) -> pd.Series:
+    # The two files write concentrations differently (0.003 vs 0.003000).
+    return np.round(values.astype(float), 6)
+
+
+def plate_file_names(image_csv: str | os.PathLike, plate: str) -> list[str]:
+    """All TIFF names of one plate (three per field) from the image CSV.
+
+    Raises
+    ------
+    MetadataError
+        When the plate has no rows in ``image_csv``.
+    """
+    frame = _read_csv(image_csv, BBBC021_REQUIRED_COLUMNS)
+    rows = frame[frame["Image_Metadata_Plate_DAPI"] == plate]
+    if rows.empty:
+        raise MetadataError(f"{image_csv}: no fields for plate {plate!r}")
+    return sorted(pd.concat([rows[f"Image_FileName_{c}"] for c in BBBC021_CHANNELS]).tolist())
+
+
+def bbbc021_image_table(
+    image_csv: str | os.PathLike,
+    moa_csv: str | os.PathLike,
+    image_root: str | os.PathLike,
+    plates: list[str] | None = None,
+    taxol_rule: bool = True,
+    log: Callable[[str], None] = stderr,
+) -> pd.DataFrame:
+    """Build the BBBC021 field table used by the study.
+
+    Parameters
+    ----------
+    image_csv, moa_csv : path
+        The Broad's ``BBBC021_v1_image.csv`` and ``BBBC021_v1_moa.csv``.
+    image_root : path
+        Folder holding one extracted folder per plate; channel paths are
+        ``image_root/<Plate>/<file name>``.
+    plates : list of str, optional
+        Keep only these plates (all when None). Each must occur in ``image_csv``.
+    taxol_rule : bool
+        Apply the study's taxol selection (Week1, ``D0`` wells, 0.3/1/3).
+    log : callable
+        Receives the counts of fields the study's selection drops.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        One row per kept field with columns ``plate, batch, well, site,
+        replicate, compound, concentration, moa, treatment, is_dmso,
+        path_dapi, path_tubulin, path_actin, image_number``.
+
+    Examples
+    --------
+    On the real metadata the table has 1,208 annotated fields of 38
+    compounds, 103 treatments and 12 MoAs, plus 1,320 DMSO fields.
+    """
+    images = _read_csv(image_csv, BBBC021_REQUIRED_COLUMNS)
+    moa = _read_csv(moa_csv, MOA_REQUIRED_COLUMNS)
+    if plates is not None:
+        unknown = sorted(set(plates) - set(images["Image_Metadata_Plate_DAPI"]))
+        if unknown:
+            raise MetadataError(f"{image_csv}: configured plate(s) {unknown} have no fields in this file")
+        images = images[images["Image_Metadata_Plate_DAPI"].isin(plates)]
+    images = images.assign(_conc=_concentration_key(images["Image_Metadata_Concentration"]))
+    moa = moa.assign(_conc=_concentration_key(moa["concentration"]))[["compound", "_conc", "moa"]]
+    _duplicates(moa, ["compound", "_conc"], moa_csv, "compound and concentration")
+    sites = images["Image_FileName_DAPI"].str.extract(_SITE, expand=False)
+    if sites.isna().any():
+        bad = images.loc[sites.isna(), "Image_FileName_DAPI"].iloc[0]
+        raise MetadataError(f"{image_csv}: file name {bad!r} has no site (expected '..._s<N>_w<N>...')")
+    _duplicates(images.assign(site=sites), ["Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI", "site"],
+                image_csv, "plate, well and site")
+    merged = images.merge(moa, how="left", left_on=["Image_Metadata_Compound", "_conc"],
+                          right_on=["compound", "_conc"], validate="many_to_one")
+    compound = merged["Image_Metadata_Compound"]
+    plate = merged["Image_Metadata_Plate_DAPI"]
+    well = merged["Image_Metadata_Well_DAPI"]
+    is_dmso = compound.eq("DMSO")
+    annotated = merged["moa"].notna() | is_dmso
+    unannotated = merged.loc[~annotated, ["Image_Metadata_Compound", "_conc"]]
+    if len(unannotated):
+        pairs = unannotated.drop_duplicates()
+        log(f"{image_csv}: {len(unannotated)} fields of {len(pairs)} compound/concentration pairs without an MoA "
+            f"in {Path(moa_csv).name} are not used (as in the study), e.g. "
+            f"{list(pairs.head(3).itertuples(index=False, name=None))}")
+    keep = annotated
+    if taxol_rule:
+        taxol = compound.eq("taxol")
+        taxol_ok = (plate.str.split("_").str[0].eq(TAXOL_WEEK) & well.str.contains(TAXOL_WELL_TAG)
+                    & merged["_conc"].isin(TAXOL_CONCENTRATIONS))
+        dropped = int((keep & taxol & ~taxol_ok).sum())
+        if dropped:
+            log(f"{image_csv}: {dropped} taxol fields outside Week1 D0 wells at 0.3/1/3 are not used (the study's "
+                "taxol rule; bbbc021.taxol_rule)")
+        keep &= ~taxol | taxol_ok
+    merged = merged[keep]
+    is_dmso = is_dmso[keep]
+    sites = merged["Image_FileName_DAPI"].str.extract(_SITE, expand=False)
+    root = Path(image_root)
+    folder = merged["Image_PathName_DAPI"].str.split("/").str[-1]  # "<Week>/<Plate>" -> "<Plate>"
+    table = pd.DataFrame({
+        "plate": plate[keep].to_numpy(),
+        "batch": plate[keep].str.split("_").str[0].to_numpy(),
+        "well": well[keep].to_numpy(),
+        "site": sites.astype(int).to_numpy(),
+        "replicate": merged["Replicate"].astype(int).to_numpy(),
+        "compound": merged["Image_Metadata_Compound"].to_numpy(),
+        "concentration": merged["_conc"].to_numpy(),
+        "moa": merged["moa"].where(~is_dmso, "DMSO").to_numpy(),
+        "is_dmso": is_dmso.to_numpy(),
+        "image_number": merged["ImageNumber"].to_numpy() if "ImageNumber" in merged else np.arange(len(merged)),
+    })
+    table["treatment"] = table["compound"] + "_" + table["concentration"].map("{:g}".format)
+    for channel in BBBC021_CHANNELS:
+        table[f"path_{channel.lower()}"] = [
+            str(root / f / n) for f, n in zip(folder, merged[f"Image_FileName_{channel}"])]
+    return table.sort_values(["plate", "well", "site"], kind="stable").reset_index(drop=True)
+
+
+def bbbc014_image_table(
+    image_dir: str | os.PathLike,
+    *,
+    filename_regex: str,
+    dapi_channel: int,
+    cell_lines: dict[str, list[str]],
+    positive_columns: list[int],
+    negative_columns: list[int],
+) -> pd.DataFrame:
+    """Build the BBBC014 well table from the extracted images.
+
+    Parameters
+    ----------
+    image_dir : path
+        Folder of ``*.Bmp`` files.
+    filename_regex : str
+        Regular expression with named groups ``channel``, ``row`` and ``column``.
+    dapi_channel : int
+        Which channel number is DAPI; the other is FITC (NF-kB).
+    cell_lines : dict
+        Cell line -> plate rows, e.g. ``{"MCF7": ["A", "B", "C", "D"]}``.
+    positive_columns, negative_columns : list of int
+        Columns labelled 1 (translocation) and 0; other columns get label -1
+        (unused by the study).
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        One row per well: ``plate, well, row, column, cell_line, label,
+        path_dapi, path_fitc``.
+    """
+    pattern = re.compile(filename_regex)
+    files: dict[tuple[str, int], dict[int, str]] = {}
+    image_dir = Path(image_dir)
+    for path in sorted(image_dir.iterdir()):
+        if path.name.startswith("."):
+            continue  # bookkeeping such as Snakemake's .snakemake_timestamp
+        match = pattern.fullmatch(path.name)
+        if match is None:
+            raise MetadataError(f"{path}: name does not match bbbc014.filename_regex {filename_regex!r}")
+        key = (match["row"], int(match["column"]))
+        files.setdefault(key, {})[int(match["channel"])] = str(path)
+    row_to_line = {row: line for line, rows in cell_lines.items() for row in rows}
+    records = []
+    for (row, column), channels in sorted(files.items()):
+        if set(channels) != {1, 2}:
+            raise MetadataError(f"{image_dir}: well {row}{column:02d} has channels {sorted(channels)}, expected [1, 2]")
+        if row not in row_to_line:
+            raise MetadataError(f"{image_dir}: row {row!r} is in no bbbc014.cell_lines entry")
+        label = 1 if column in positive_columns else 0 if column in negative_columns else -1
+        records.append({
+            "plate": "BBBC014", "well": f"{row}{column:02d}", "row": row, "column": column,
+            "cell_line": row_to_line[row], "label": label,
+            "path_dapi": channels[dapi_channel], "path_fitc": channels[3 - dapi_channel],
+        })
+    return pd.DataFrame.from_records(records)
+
+
+def write_bbbc021_table(image_csv, moa_csv, image_root, output, *, plates=None, taxol_rule: bool = True,
+                        log: Callable[[str], None] = stderr) -> pd.DataFrame:
+    """`bbbc021_image_table`, its counts logged, written to ``output``."""
+    from moaflow.files import write_table
+
+    table = bbbc021_image_table(image_csv, moa_csv, image_root, plates=plates, taxol_rule=taxol_rule, log=log)
+    annotated = table[~table["is_dmso"]]
+    log(f"{len(annotated)} annotated fields, {annotated['compound'].nunique()} compounds, "
+        f"{annotated['treatment'].nunique()} treatments, {annotated['moa'].nunique()} MoAs, "
+        f"{int(table['is_dmso'].sum())} DMSO fields")
+    write_table(table, output)
+    return table
+
+
+def write_bbbc014_table(image_root, output, *, settings: dict, log: Callable[[str], None] = stderr) -> pd.DataFrame:
+    """`bbbc014_image_table` from the config's ``bbbc014`` settings, written to ``output``."""
+    from moaflow.files import write_table
+
+    table = bbbc014_image_table(image_root, filename_regex=settings["filename_regex"],
+                                dapi_channel=settings["dapi_channel"], cell_lines=settings["cell_lines"],
+                                positive_columns=settings["positive_columns"],
+                                negative_columns=settings["negative_columns"])
+    log(f"{len(table)} wells, {int((table['label'] >= 0).sum())} labelled")
+    write_table(table, output)
+    return table
+
+
+# ------------------------------------------------------------------ pre-cropped image sets
+
+#: The metadata a crops dataset maps (``crops.<name>.columns``); site and batch are optional.
+CROPS_REQUIRED = ("compound", "concentration", "moa", "plate", "well", "replicate")
+CROPS_OPTIONAL = ("site", "batch")
+
+
+def crops_table(images: str | os.PathLike, metadata: str | os.PathLike, *, columns: dict[str, str],
+                filename: str, separator: str = ",", batch_pattern: str | None = None,
+                log: Callable[[str], None] = stderr) -> pd.DataFrame:
+    """One row per crop of a pre-cropped image set (PNG or TIFF files) with its metadata.
+
+    Parameters
+    ----------
+    images : path
+        Folder of the crop files.
+    metadata : path
+        Table with one row per crop.
+    columns : dict
+        Our name (`CROPS_REQUIRED`, and optionally ``site``/``batch``) -> the metadata's column.
+    filename : str
+        The crop's file name as a format string over the metadata's columns (by their own names) and
+        ``index`` (the row's position), e.g. ``"bbbc021v1_{index}.png"`` or ``"{file}"``.
+    separator : str
+        The metadata's field separator.
+    batch_pattern : str, optional
+        A regular expression whose first group, applied to the plate name, is the batch
+        (``"^(Week[0-9]+)_"``) when no batch column is mapped.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        ``plate, batch, well, site, replicate, compound, concentration, moa, treatment, image_number,
+        field, source``; ``field`` (plate/well/site) groups the crops of one field of view.
+
+    Raises
+    ------
+    MetadataError
+        Missing columns or files, a file named twice, a batch pattern that does not match.
+    """
+    unknown = sorted(set(columns) - set(CROPS_REQUIRED) - set(CROPS_OPTIONAL))
+    missing_keys = [k for k in CROPS_REQUIRED if k not in columns]
+    if unknown or missing_keys:
+        raise MetadataError(f"{metadata}: the columns mapping needs {list(CROPS_REQUIRED)} (optional "
+                            f"{list(CROPS_OPTIONAL)}); unknown {unknown}, missing {missing_keys}")
+    frame = _read_csv(metadata, list(columns.values()), sep=separator)
+    try:
+        names = [filename.format(index=i, **row) for i, row in enumerate(frame.to_dict("records"))]
+    except (KeyError, IndexError, ValueError) as exc:
+        raise MetadataError(f"{metadata}: file name pattern {filename!r} cannot be filled from its columns "
+                            f"({type(exc).__name__}: {exc}); columns are {list(frame.columns)} and 'index'") from None
+    table = pd.DataFrame({key: frame[column].to_numpy() for key, column in columns.items()})
+    table["concentration"] = table["concentration"].astype(float)
+    table["site"] = table["site"].astype(int) if "site" in table else 1
+    if "batch" not in table:
+        if batch_pattern:
+            batch = table["plate"].astype(str).str.extract(batch_pattern, expand=False)
+            if batch.isna().any():
+                bad = table.loc[batch.isna(), "plate"].iloc[0]
+                raise MetadataError(f"{metadata}: plate {bad!r} does not match batch_pattern {batch_pattern!r}")
+            table["batch"] = batch
+        else:
+            table["batch"] = "all"
+    table["source"] = [str(Path(images) / name) for name in names]
+    absent = [p for p in table["source"] if not Path(p).is_file()]
+    if absent:
+        raise MetadataError(f"{metadata}: {len(absent)} of {len(table)} crop files are missing, e.g. {absent[:3]}")
+    _duplicates(table, ["source"], metadata, "the crop file")
+    table["field"] = table["plate"].astype(str) + "/" + table["well"].astype(str) + "/" + table["site"].astype(str)
+    table["image_number"] = pd.factorize(table["field"])[0]
+    table["treatment"] = table["compound"] + "_" + table["concentration"].map("{:g}".format)
+    log(f"{metadata}: {len(table)} crops, {table['field'].nunique()} fields, {table['compound'].nunique()} compounds, "
+        f"{table['treatment'].nunique()} treatments, {table['moa'].nunique()} MoAs, "
+        f"{table['batch'].nunique()} batches")
+    order = ["plate", "batch", "well", "site", "replicate", "compound", "concentration", "moa", "treatment",
+             "image_number", "field", "source"]
+    return table[order]
+
+
+def write_crops_table(settings: dict, output, log: Callable[[str], None] = stderr) -> pd.DataFrame:
+    """`crops_table` from the config's ``crops.<name>`` section, written to ``output``."""
+    from moaflow.files import write_table
+
+    table = crops_table(settings["images"], settings["metadata"], columns=settings["columns"],
+                        filename=settings["filename"], separator=settings.get("separator", ","),
+                        batch_pattern=settings.get("batch_pattern"), log=log)
+    write_table(table, output)
+    return table

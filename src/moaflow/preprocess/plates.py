@@ -1,0 +1,272 @@
+"""Per-plate preprocessing: fields -> normalised 8-bit crops at every input size, plus their index.
+
+The steps are in `moaflow.preprocess.intensity` (the study's normalisation) and
+`moaflow.preprocess.crops` (grid crops, the empty-crop rule, OpenCV's area resizing);
+this module runs them over a plate (BBBC021) or the BBBC014 wells and writes
+the per-plate arrays that `moaflow.preprocess.store` gathers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tifffile
+
+from moaflow.preprocess import crops, intensity
+from moaflow.datasets import images
+from moaflow.errors import MetadataError, VerificationError
+from moaflow.files import write_array, write_table
+from moaflow.logs import stderr
+from moaflow.study import BBBC021_CHANNELS
+
+#: Index columns of a BBBC021 crop (with ``crop``, its grid position, and ``source``, its DAPI file).
+INDEX_COLUMNS = ["plate", "batch", "well", "site", "replicate", "compound", "concentration", "moa",
+                 "treatment", "image_number"]
+
+
+def read_field(row, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read one field's channels into a (channels, rows, columns) array, in `BBBC021_CHANNELS` order.
+
+    ``row`` is a mapping with ``path_<channel>`` entries (an image-table row).
+    A damaged TIFF, or one of the wrong type or size, raises
+    `moaflow.errors.VerificationError` naming the file.
+    """
+    return np.stack([images.read_tiff(row[f"path_{c.lower()}"], shape=shape) for c in BBBC021_CHANNELS])
+
+
+def preprocess_plate(
+    fields: pd.DataFrame,
+    *,
+    sizes: list[int],
+    grid: tuple[int, int] = (2, 2),
+    normalisation: str = "study",
+    percentiles: tuple[float, float] = (1.0, 99.9),
+    illumination: np.ndarray | None = None,
+    empty_threshold: float = intensity.EMPTY_THRESHOLD,
+    empty_fraction: float = 0.002,
+    controls: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
+    """Normalise, crop and resize the annotated fields of one plate (or, with ``controls``, its DMSO fields).
+
+    Parameters
+    ----------
+    fields : pandas.DataFrame
+        The plate's rows of the image table, DMSO fields included (they
+        provide the normalisation statistics and are not cropped).
+    sizes : list of int
+        Square input sizes to produce (224, 299, 256 ...).
+    grid : tuple of int
+        Crops per field as (rows, columns).
+    normalisation : {"study", "percentile"}
+    percentiles : tuple of float
+        For ``"percentile"``: DMSO percentiles mapped to 0 and 255.
+    illumination : ndarray (3, M, N), optional
+        Illumination functions in `BBBC021_CHANNELS` order; fields are divided by them.
+    empty_threshold, empty_fraction : float
+        A crop is dropped when at most ``empty_fraction`` of its values exceed
+        ``empty_threshold`` on the float 0..255 image, before truncation.
+    controls : bool
+        Crop the DMSO fields instead of the annotated ones, normalised the
+        same way (profiling normalises treatment profiles to them; they are
+        never a class).
+
+    Returns
+    -------
+    arrays : dict of int to ndarray (K, size, size, 3) uint8
+    index : pandas.DataFrame
+        K rows, one per kept crop, in array order: `INDEX_COLUMNS`, ``crop`` and ``source``.
+    """
+    log = log or (lambda _: None)
+    plate = fields["plate"].iloc[0]
+    # Every field of the plate must have one size: checked from the headers first, naming any odd file.
+    shape = images.common_shape([p for c in BBBC021_CHANNELS for p in fields[f"path_{c.lower()}"]])
+    crops.crop_boxes(shape, grid)   # a grid too fine for the field is an error before any work
+    dmso = fields[fields["is_dmso"]]
+    if dmso.empty:
+        raise MetadataError(f"plate {plate}: no DMSO fields, which normalise its images")
+    annotated = dmso if controls else fields[~fields["is_dmso"]]
+    what = "DMSO fields" if controls else "fields"
+    started = time.monotonic()
+    dmso_fields = [read_field(r, shape) for _, r in dmso.iterrows()]
+    if normalisation == "study":
+        stats = intensity.dmso_statistics(dmso_fields, illumination)
+        normaliser = intensity.study_normalise
+    elif normalisation == "percentile":
+        stats = intensity.percentile_statistics(dmso_fields, percentiles, illumination)
+        normaliser = intensity.percentile_normalise
+    else:
+        raise ValueError(f"normalisation={normalisation!r}: expected 'study' or 'percentile'")
+    log(f"{plate}: DMSO statistics from {len(dmso)} fields")
+    # The DMSO fields are in memory already: cropping them (controls) reads no TIFF twice.
+    fields_read = iter(dmso_fields) if controls else (read_field(r, shape) for _, r in annotated.iterrows())
+    del dmso_fields
+    kept = {size: [] for size in sizes}
+    records = []
+    dropped = 0
+    step = max(1, len(annotated) // 10)
+    for n, ((_, row), field) in enumerate(zip(annotated.iterrows(), fields_read), 1):
+        image, above = normaliser(field, *stats, illumination, threshold=empty_threshold)
+        positions, resized = crops.field_crops(image, above, grid, sizes, empty_fraction)
+        dropped += grid[0] * grid[1] - len(positions)
+        for size in sizes:
+            kept[size].append(resized[size])
+        records.extend({**{c: row[c] for c in INDEX_COLUMNS}, "crop": k, "source": row["path_dapi"]}
+                       for k in positions)
+        if n % step == 0 or n == len(annotated):
+            elapsed = time.monotonic() - started
+            log(f"{plate}: {n}/{len(annotated)} {what}, {len(records)} crops kept, "
+                f"ETA {elapsed / n * (len(annotated) - n):.0f} s")
+    if dropped:
+        log(f"{plate}: {dropped} nearly empty crop(s) dropped (at most {empty_fraction:g} of values above "
+            f"{empty_threshold:.4g}, the study's rule)")
+    arrays = {size: (np.concatenate(kept[size]) if kept[size] else np.zeros((0, size, size, 3), np.uint8))
+              for size in sizes}
+    return arrays, pd.DataFrame.from_records(records, columns=INDEX_COLUMNS + ["crop", "source"])
+
+
+def preprocess_plate_files(table: str | os.PathLike, plate: str, output_prefix: str | os.PathLike, *,
+                           illumination_dir: str | os.PathLike | None = None, log=stderr, **settings) -> None:
+    """`preprocess_plate` from the image table file to ``<prefix>.<size>.npy`` and ``<prefix>.index.parquet``."""
+    frame = pd.read_parquet(table)
+    fields = frame[frame["plate"] == plate]
+    if fields.empty:
+        raise MetadataError(f"{table}: no fields for plate {plate!r}")
+    functions = None
+    if illumination_dir:
+        functions = np.stack([np.load(Path(illumination_dir) / f"{plate}_{c}.npy") for c in BBBC021_CHANNELS])
+    arrays, index = preprocess_plate(fields, illumination=functions, log=log, **settings)
+    for size, array in arrays.items():
+        write_array(array, f"{output_prefix}.{size}.npy")
+    write_table(index, f"{output_prefix}.index.parquet")
+
+
+def preprocess_bbbc014(
+    wells: pd.DataFrame,
+    *,
+    sizes: list[int],
+    grid: tuple[int, int] = (4, 4),
+    minmax: str = "crop",
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
+    """BBBC014 as the original code: RGB (zeros, DAPI, FITC), area-resized to a square, grid crops,
+    then Anscombe on channels 2-3 and one min-max over them to uint8.
+
+    The square's side is the image's row count (1024 for the real 1024x1360),
+    so smaller stand-ins keep the geometry. ``minmax="crop"`` (the original)
+    scales each crop on its own, ``"well"`` the whole well at once. Only
+    labelled wells (label >= 0) are used.
+    """
+    if minmax not in ("crop", "well"):
+        raise ValueError(f"minmax={minmax!r}: expected 'crop' (the original) or 'well'")
+    log = log or (lambda _: None)
+    labelled = wells[wells["label"] >= 0]
+    kept = {size: [] for size in sizes}
+    records = []
+
+    def to_uint8(counts: np.ndarray) -> np.ndarray:
+        # The original's arithmetic, in its float32 and its order of operations, so the bytes agree.
+        x = 2.0 * np.sqrt(counts.astype(np.float32) + 3.0 / 8.0)
+        lo, hi = x.min(), x.max()
+        return (((x - lo) * 255) / (hi - lo) if hi > lo else np.zeros_like(x)).astype(np.uint8)
+
+    for n, (_, row) in enumerate(labelled.iterrows(), 1):
+        dapi, fitc = (images.read_gray8(row[c]) for c in ("path_dapi", "path_fitc"))
+        if dapi.shape != fitc.shape:
+            raise VerificationError(f"{row['path_fitc']}: size {fitc.shape} differs from its DAPI image's {dapi.shape}")
+        side = dapi.shape[0]
+        rgb = np.zeros((side, dapi.shape[1], 3), np.uint8)   # (zeros, DAPI, FITC), channels last
+        rgb[..., 1], rgb[..., 2] = dapi, fitc
+        square = crops.resize_area(rgb, side)
+        boxes = crops.crop_boxes(square.shape[:2], grid)
+        if minmax == "well":
+            square[..., 1:] = to_uint8(square[..., 1:])
+        for k, (rs, cs) in enumerate(boxes):
+            crop = square[rs, cs].copy()
+            if minmax == "crop":
+                crop[..., 1:] = to_uint8(crop[..., 1:])
+            for size in sizes:
+                kept[size].append(crops.resize_area(crop, size).reshape(1, size, size, 3))
+            records.append({"well": row["well"], "row": row["row"], "column": row["column"],
+                            "cell_line": row["cell_line"], "label": row["label"], "crop": k,
+                            "source": row["path_fitc"]})
+        if n % 16 == 0 or n == len(labelled):
+            log(f"BBBC014: {n}/{len(labelled)} wells")
+    arrays = {size: np.concatenate(kept[size]) for size in sizes}
+    return arrays, pd.DataFrame.from_records(records)
+
+
+def preprocess_bbbc014_files(table: str | os.PathLike, output_dir: str | os.PathLike, log=stderr, **settings) -> None:
+    """`preprocess_bbbc014` from the well table to ``<output_dir>/<size>.npy`` and ``index.parquet``."""
+    arrays, index = preprocess_bbbc014(pd.read_parquet(table), log=log, **settings)
+    out = Path(output_dir)
+    for size, array in arrays.items():
+        write_array(array, out / f"{size}.npy")
+    index.insert(0, "crop_id", range(len(index)))
+    write_table(index, out / "index.parquet")
+
+
+def read_crop(path: str | os.PathLike) -> np.ndarray:
+    """One pre-cropped RGB image (PNG, or a 3-channel TIFF) as (rows, columns, 3) uint8."""
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        try:
+            image = tifffile.imread(path)
+        except Exception as exc:  # tifffile raises several types for damaged files
+            raise VerificationError(f"{path}: cannot read TIFF ({type(exc).__name__}: {exc})") from exc
+    else:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as opened:
+                if opened.mode not in ("RGB", "RGBA"):
+                    raise VerificationError(f"{path}: image mode {opened.mode}, expected 8-bit RGB")
+                image = np.asarray(opened.convert("RGB"))
+        except VerificationError:
+            raise
+        except Exception as exc:  # PIL raises several types for damaged files
+            raise VerificationError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise VerificationError(f"{path}: shape {image.shape} and type {image.dtype}, expected (rows, columns, 3) uint8")
+    return image
+
+
+def preprocess_crops(table: pd.DataFrame, *, sizes: list[int], log: Callable[[str], None] | None = None
+                     ) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
+    """A pre-cropped set resized (OpenCV INTER_AREA, as the study) to each square size, in table order.
+
+    Every crop must have the size of the first; channels stay as stored in the files.
+    """
+    log = log or (lambda _: None)
+    arrays = {size: np.empty((len(table), size, size, 3), np.uint8) for size in sizes}
+    shape = None
+    step = max(1, len(table) // 10)
+    for n, path in enumerate(table["source"]):
+        image = read_crop(path)
+        if shape is None:
+            shape = image.shape
+        elif image.shape != shape:
+            raise VerificationError(f"{path}: size {image.shape[:2]}, the set's first crop has {shape[:2]}")
+        for size in sizes:
+            arrays[size][n] = crops.resize_area(image, size)
+        if (n + 1) % step == 0 or n + 1 == len(table):
+            log(f"{n + 1}/{len(table)} crops read and resized to {sizes}")
+    index = table.reset_index(drop=True).copy()
+    index.insert(0, "crop_id", np.arange(len(index)))
+    index["crop"] = 0
+    return arrays, index
+
+
+def preprocess_crops_files(table: str | os.PathLike, output_dir: str | os.PathLike, *, sizes: list[int],
+                           log=stderr) -> None:
+    """`preprocess_crops` from the crops table to ``<output_dir>/<size>.npy`` and ``index.parquet``."""
+    arrays, index = preprocess_crops(pd.read_parquet(table), sizes=sizes, log=log)
+    out = Path(output_dir)
+    for size, array in arrays.items():
+        write_array(array, out / f"{size}.npy")
+    write_table(index, out / "index.parquet")

@@ -1,0 +1,218 @@
+"""Evaluation on hand-made predictions with known answers, and conformal coverage."""
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moaflow.analysis import evaluate
+from moaflow import study
+
+
+def _crops(rows):
+    """rows: (compound, concentration, replicate, image_number, true, pA, pB)"""
+    frame = pd.DataFrame(rows, columns=["compound", "concentration", "replicate", "image_number", "true", "p_A", "p_B"])
+    frame["moa"] = frame["true"]
+    return frame
+
+
+def test_treatment_call_is_the_median_of_replicate_medians():
+    # Replicate 1: crop medians (0.9, 0.1); replicate 2: (0.3, 0.7); replicate 3: (0.4, 0.6).
+    # Median over replicates: A = 0.4, B = 0.6 -> B, although the mean of A over crops is higher.
+    crops = _crops([
+        ("x", 1.0, 1, 1, "A", 0.95, 0.05), ("x", 1.0, 1, 1, "A", 0.9, 0.1), ("x", 1.0, 1, 2, "A", 0.85, 0.15),
+        ("x", 1.0, 2, 3, "A", 0.3, 0.7),
+        ("x", 1.0, 3, 4, "A", 0.4, 0.6),
+    ])
+    treatment = evaluate.aggregate(crops, "treatment")
+    assert len(treatment) == 1
+    assert treatment.loc[0, "p_A"] == pytest.approx(0.4) and treatment.loc[0, "predicted"] == "B"
+    assert crops[["p_A"]].mean().item() > 0.5
+
+
+def test_image_level_uses_the_median_of_the_fields_crops():
+    crops = _crops([("x", 1.0, 1, 1, "A", 0.9, 0.1), ("x", 1.0, 1, 1, "A", 0.2, 0.8), ("x", 1.0, 1, 1, "A", 0.6, 0.4),
+                    ("x", 1.0, 1, 2, "A", 0.1, 0.9)])
+    image = evaluate.aggregate(crops, "image")
+    assert list(image["predicted"]) == ["A", "B"] and image.loc[0, "p_A"] == pytest.approx(0.6)
+
+
+def test_a_tie_goes_to_the_first_class_like_argmax():
+    crops = _crops([("x", 1.0, 1, 1, "B", 0.5, 0.5)])
+    assert evaluate.aggregate(crops, "treatment").loc[0, "predicted"] == "A"
+
+
+def test_a_table_is_evaluated_at_its_own_level_and_coarser_only():
+    treatments = pd.DataFrame({"compound": ["x"], "concentration": [1.0], "true": ["A"], "p_A": [0.9], "p_B": [0.1]})
+    assert evaluate.level_of(treatments) == "treatment"
+    assert evaluate.aggregate(treatments, "treatment").loc[0, "predicted"] == "A"
+    with pytest.raises(ValueError, match="treatment level cannot be evaluated at crop level"):
+        evaluate.aggregate(treatments, "crop")
+
+
+def test_confusion_matrix_sums_to_the_number_of_treatments():
+    rng = np.random.default_rng(0)
+    rows = []
+    for t in range(10):
+        for replicate in (1, 2, 3):
+            p = rng.uniform()
+            rows.append((f"c{t % 4}", float(t), replicate, t * 3 + replicate, "A" if t % 2 else "B", p, 1 - p))
+    treatment = evaluate.aggregate(_crops(rows), "treatment")
+    matrix = evaluate.confusion(treatment, ["A", "B"])
+    assert matrix.to_numpy().sum() == 10 == len(treatment)
+    assert np.trace(matrix.to_numpy()) / 10 == pytest.approx(evaluate.accuracy(treatment))
+
+
+def test_per_class_recall():
+    frame = pd.DataFrame({"true": ["A", "A", "B", "B"], "predicted": ["A", "B", "B", "B"]})
+    assert evaluate.per_class_recall(frame, ["A", "B"]) == {"A": 0.5, "B": 1.0}
+
+
+def _calibrated(n, rng, k=4):
+    """A calibrated classifier: labels are drawn from the predicted probabilities."""
+    probabilities = rng.dirichlet(np.ones(k) * 0.7, size=n)
+    labels = np.array([rng.choice(k, p=p) for p in probabilities])
+    frame = pd.DataFrame(probabilities, columns=[f"p_{c}" for c in "ABCD"[:k]])
+    frame["true"] = np.array(list("ABCD"))[labels]
+    return frame
+
+
+@pytest.mark.parametrize("significance", [0.1, 0.2])
+def test_mondrian_coverage_on_exchangeable_examples(significance):
+    rng = np.random.default_rng(1)
+    calibration, test = _calibrated(4000, rng), _calibrated(4000, rng)
+    table = evaluate.conformal_table(test, calibration, [significance])
+    for row in table.itertuples():
+        # class-conditional validity: coverage >= 1 - significance, up to 3 standard errors from both
+        # random samples (test points, and the calibration set the threshold comes from)
+        tolerance = 3 * np.sqrt(significance * (1 - significance) * (1 / row.n + 1 / max(row.n_calibration, 1)))
+        assert row.coverage >= 1 - significance - tolerance, row
+        assert row.coverage <= 1 - significance + tolerance + 1 / (row.n_calibration + 1), row
+    assert table.query("`class` == 'all'")["mean_set_size"].item() < 4
+
+
+def test_a_class_without_calibration_is_always_in_the_set():
+    calibration = pd.DataFrame({"p_A": [0.9, 0.8], "p_B": [0.1, 0.2], "true": ["A", "A"]})
+    test = pd.DataFrame({"p_A": [0.99], "p_B": [0.01], "true": ["A"]})
+    sets = evaluate.conformal_sets(test, evaluate.mondrian_calibration(calibration), 0.1)
+    assert "B" in sets[0]
+
+
+def test_several_seeds_give_a_seed_variation_row(tmp_path):
+    """Two seeds: one calls every treatment right, the other half of them."""
+    folds = pd.DataFrame({"fold": ["x", "y"]})
+    for seed, wrong in ((0, set()), (1, {"y"})):
+        for fold in ("x", "y"):
+            base = tmp_path / "models" / "net" / "random" / f"seed-{seed}" / fold
+            base.mkdir(parents=True)
+            true = "A" if fold == "x" else "B"
+            p_true = 0.2 if fold in wrong else 0.9
+            crops = _crops([(fold, 1.0, r, r, true, p_true if true == "A" else 1 - p_true,
+                             p_true if true == "B" else 1 - p_true) for r in (1, 2, 3)])
+            crops.assign(crop_id=range(3)).to_parquet(base / "test_predictions.parquet")
+            crops.iloc[:0].to_parquet(base / "validation_predictions.parquet")
+            pd.DataFrame({"epoch": [1], "test_accuracy": [1.0]}).to_csv(base / "history.tsv", sep="\t", index=False)
+    summary = evaluate.evaluate_bbbc021(tmp_path / "models", folds, ["net"], ["random"], tmp_path / "out", [0.1],
+                                        seeds=[0, 1])
+    assert summary["accuracy"]["net/random"]["treatment"] == pytest.approx(0.75)   # mean of 1.0 and 0.5
+    table = pd.read_csv(tmp_path / "out" / "accuracy.csv")
+    row = table.query("architecture == 'net' and level == 'treatment'").iloc[0]
+    assert row["seeds"] == 2 and row["sd_percent"] == pytest.approx(np.std([100, 50], ddof=1))
+    variation = pd.read_csv(tmp_path / "out" / "seed_variation.csv")
+    assert sorted(variation.query("level == 'treatment'")["accuracy_percent"]) == [50.0, 100.0]
+
+
+# ----------------------------------------------------------------- published predictions
+
+PUBLISHED = Path(str(resources.files("moaflow") / "data" / "kensert2019_predictions.csv"))
+
+
+def test_the_authors_predictions_give_the_papers_accuracies_through_moaflow_evaluate(tmp_path):
+    """`moaflow evaluate --predictions` on the authors' xlsx (as CSV): 97.09 / 97.09 / 95.15 % and their errors."""
+    from moaflow.cli import main as moaflow
+
+    assert moaflow(["evaluate", "bbbc021", "--predictions", str(PUBLISHED), "--out-dir", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "accuracy.csv").query("level == 'treatment'").set_index("architecture")
+    assert table["n"].tolist() == [103, 103, 103]
+    assert table["accuracy_percent"].round(2).to_dict() == {"inception_resnet_v2": 95.15, "inception_v3": 97.09,
+                                                              "resnet50": 97.09}
+    wrong = pd.read_csv(tmp_path / "misclassified_treatments.csv")
+    found = {(r.architecture, r.compound, float(r.concentration)) for r in wrong.itertuples()}
+    expected = {(a, "colchicine", 0.03) for a in ("resnet50", "inception_v3", "inception_resnet_v2")} | \
+               {(a, "latrunculin B", 1.0) for a in ("resnet50", "inception_v3", "inception_resnet_v2")} | \
+               {("resnet50", "chlorambucil", 10.0), ("inception_v3", "ALLN", 3.0),
+                ("inception_resnet_v2", "MG-132", 0.1), ("inception_resnet_v2", "MG-132", 3.0),
+                ("inception_resnet_v2", "methotrexate", 10.0)}
+    assert found == expected
+    assert (tmp_path / "confusion_treatment_resnet50_published.png").is_file()
+    assert "image" not in set(pd.read_csv(tmp_path / "accuracy.csv")["level"])   # cannot go finer than the table
+
+
+# ----------------------------------------------------------------- deviations
+
+def test_deviations_follow_the_preset_and_settings():
+    folds = pd.DataFrame({"fold": [f"c{i}" for i in range(38)], "validation_groups": [""] * 38,
+                          "excluded_batches": [""] * 38})
+    receipt = {"source": "https://data.broadinstitute.org/bbbc/BBBC021/BBBC021_v1_image.csv",
+               "checks": ["size 3,669,969 bytes as published", "SHA256 as published", "csv: 13200 rows"]}
+    settings = {"preprocess": {"illumination": {"apply": False}, "normalisation": "study", "crop_grid": [2, 2],
+                               "empty_fraction": 0.002, "empty_threshold": 50.0},
+                "training": {"architectures": ["resnet50", "inception_v3", "inception_resnet_v2"],
+                             "initialisations": [{"name": "imagenet", "weights": "imagenet"},
+                                                 {"name": "random", "weights": "none"}],
+                             "bbbc021": {"preset": "final", "hyperparameters": {},
+                                         "input_sizes": {"resnet50": 224, "inception_v3": 299,
+                                                         "inception_resnet_v2": 299}}}}
+    paper = study.paper_settings()
+    same = evaluate.deviations(study.run_settings(settings, folds, receipt), paper).set_index("setting")
+    assert not same["differs"].any(), same[same["differs"]]
+    settings["training"]["bbbc021"]["preset"] = "published"
+    settings["preprocess"]["illumination"]["apply"] = True
+    settings["training"]["bbbc021"]["hyperparameters"] = {"precision": "mixed_bfloat16"}
+    table = evaluate.deviations(study.run_settings(settings, folds, {"source": "local copy", "checks": []}),
+                                paper).set_index("setting")
+    differs = set(table.index[table["differs"]])
+    assert {"epochs", "batch_size", "learning_rate", "precision", "illumination correction", "data"} == differs
+    assert table.loc["epochs", "this run"] == "resnet50 5, inception_v3 7, inception_resnet_v2 5"
+    assert table.loc["momentum", "this run"] == table.loc["momentum", "paper"] == "0.9"
+
+
+# ----------------------------------------------------------------- conformal, correlated groups
+
+def _grouped(rng, n_compounds, crops, k=4, spread=1.5):
+    """Compounds whose crops share a compound-level shift of their scores (strongly correlated within a
+    compound), as crops of one compound are; treatments are compound x 2 concentrations."""
+    rows = []
+    for c in range(n_compounds):
+        label = c % k
+        shift = rng.normal(0, spread, k)                     # the compound's own bias, shared by its crops
+        for concentration in (1.0, 3.0):
+            for r in range(crops):
+                logits = shift + rng.normal(0, 0.7, k)
+                logits[label] += 1.0
+                p = np.exp(logits) / np.exp(logits).sum()
+                rows.append((f"c{c}", concentration, 1 + r % 3, f"c{c}-{concentration}-{r}", "ABCD"[label], *p))
+    frame = pd.DataFrame(rows, columns=["compound", "concentration", "replicate", "crop_id", "true",
+                                        *[f"p_{x}" for x in "ABCD"]])
+    return frame.assign(fold=frame["compound"])
+
+
+@pytest.mark.parametrize("level", ["crop", "treatment"])
+def test_cross_conformal_coverage_holds_for_new_compounds(level):
+    """Calibrated on the other folds' held-out compounds, coverage of a new compound's crops or treatments
+    is 1 - significance within the sampling error of compounds (the unit that is exchangeable)."""
+    rng = np.random.default_rng(3)
+    held_out = _grouped(rng, n_compounds=240, crops=6)
+    table = evaluate.cross_conformal(held_out, [0.1, 0.2], level).query("`class` == 'all'")
+    for row in table.itertuples():
+        tolerance = 3 * np.sqrt(row.significance * (1 - row.significance) / 240) + 0.02
+        assert abs(row.coverage - (1 - row.significance)) <= tolerance, row
+        assert row.level == level
+
+
+def test_empty_histories_do_not_break_the_learning_curves(tmp_path):
+    evaluate.plot_learning_curves({("net", "published"): [pd.DataFrame(columns=["epoch", "test_accuracy"])]},
+                                  tmp_path / "curves.png", "title")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,179 @@
+"""Model construction: the lab CNN, in-model preprocessing and augmentation, weights from a file."""
+
+import numpy as np
+import pytest
+
+from moaflow.learn import models
+from moaflow.devtools import standin
+from moaflow import study
+from moaflow.learn.feeder import class_weights
+
+
+def test_lab_cnn_has_the_labs_parameter_count():
+    model = models.lab_cnn((256, 256, 3), 6)
+    assert model.count_params() == 1_121_062
+    assert model.layers[0].count_params() == 1_216
+    assert [tuple(layer.output.shape[1:]) for layer in model.layers[:6]] == [
+        (128, 128, 16), (64, 64, 16), (64, 64, 32), (16, 16, 32), (16, 16, 64), (4, 4, 64)]
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"resnet50_notop\.h5.*resnet50"):
+        models.build_model("resnet50", 32, 4, weights=str(tmp_path / "{architecture}_notop.h5"))
+
+
+def test_training_never_fetches_weights():
+    with pytest.raises(ValueError, match="fetch_weights"):
+        models.resolve_weights("imagenet", "resnet50")
+
+
+def test_too_small_input_is_refused():
+    with pytest.raises(ValueError, match="at least 75"):
+        models.build_model("inception_v3", 64, 4, weights=None)
+    with pytest.raises(ValueError, match="at least 64"):
+        models.build_model("lab_cnn", 32, 4)
+
+
+def test_weights_file_values_are_loaded_exactly(tmp_path):
+    """The stand-in writes a weights file of the real shapes in Keras' layout; a model built from it holds
+    exactly those values (the path the fetched ImageNet file takes)."""
+    digests = standin.write_weights(tmp_path, {"resnet50": "resnet/r.h5"}, seed=4, log=lambda _: None)
+    path = tmp_path / "www" / "weights" / "resnet" / "r.h5"
+    assert len(digests["resnet/r.h5"]) == 32
+    model = models.build_model("resnet50", 64, 3, weights=str(path))
+    loaded = [layer for layer in model.layers if layer.name.startswith("resnet50")][0].get_weights()
+    rng = np.random.default_rng(4)
+    reference = models.backbone("resnet50", 75).weights
+    expected = [(1 + np.abs(values) if "moving_variance" in w.path else values).astype(w.dtype)
+                for w in reference for values in [rng.normal(0, 0.05, w.shape)]]
+    assert len(loaded) == len(expected) and all(np.array_equal(a, b) for a, b in zip(loaded, expected))
+    variances = [v for v, w in zip(loaded, reference) if "moving_variance" in w.path]
+    assert variances and all((v > 0).all() for v in variances)   # as real weights: features stay finite
+
+
+@pytest.mark.parametrize("order, scaling", [("reversed", "raw"), ("stored", "unit"), ("stored", "symmetric"),
+                                            ("reversed", "caffe")])
+def test_uint8_inputs_are_reordered_and_scaled_on_the_device(order, scaling):
+    """The model takes stored uint8 rows; its first layers do what the CPU did before, exactly."""
+    x = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    model = models.build_model("lab_cnn", 64, 2, augmentation=False, channel_order=order, input_scaling=scaling)
+    import keras
+
+    front = keras.Model(model.inputs, model.get_layer("input_transform").output)
+    got = np.asarray(front.predict(np.pad(x, [(0, 0), (0, 56), (0, 56), (0, 0)]), verbose=0))[:, :8, :8]
+    expected = x.astype(np.float32)[..., models.CHANNEL_ORDERS[order]]
+    expected = {"raw": expected, "unit": expected / 255, "symmetric": expected / 127.5 - 1,
+                "caffe": expected[..., ::-1] - np.array([103.939, 116.779, 123.68], np.float32)}[scaling]
+    assert np.allclose(got, expected, atol=1e-5)
+
+
+def test_augmentation_is_training_only_bounded_and_seeded():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, size=(16, 12, 12, 3)).astype("float32")
+    layer = models.StudyAugmentation(seed=3)
+    assert np.array_equal(np.asarray(layer(images, training=False)), images)
+    out = np.asarray(layer(images, training=True))
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 255 and out.dtype == np.float32
+    assert not np.allclose(out, images)
+    again = np.asarray(models.StudyAugmentation(seed=3)(images, training=True))
+    assert np.allclose(out, again)                          # same seed, same augmentation
+
+
+def test_augmentation_runs_in_float32_under_mixed_precision():
+    import keras
+
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = models.build_model("lab_cnn", 64, 2)
+        assert model.get_layer("augmentation").compute_dtype == "float32"
+        assert model.get_layer("input_transform").compute_dtype == "float32"
+        assert model.layers[-1].compute_dtype == "float32"
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def test_blur_borders_reflect_like_opencv():
+    """cv2.blur's default border is reflect-101: a flat image stays flat at its edges (zero padding darkens)."""
+    import cv2
+
+    image = np.random.default_rng(2).uniform(0, 255, (1, 6, 6, 1)).astype(np.float32)
+    padded = np.pad(image, [(0, 0), (1, 1), (1, 1), (0, 0)], mode="reflect")
+    from keras import ops
+
+    ours = np.asarray(ops.depthwise_conv(padded, np.ones((3, 3, 1, 1), np.float32) / 9, 1, "valid"))
+    assert np.allclose(ours[0, ..., 0], cv2.blur(image[0, ..., 0], (3, 3)), atol=1e-4)
+
+
+def test_augmentation_preserves_the_dihedral_content():
+    """Without noise, the intensity centroid (a symmetric blur keeps it) is one of the 8 dihedral images."""
+    image = np.zeros((1, 8, 8, 1), "float32")
+    image[0, 1, 2, 0] = 200.0                               # one bright pixel on a dark field
+    layer = models.StudyAugmentation(seed=1, noise_variance=0.0)
+    for _ in range(10):
+        out = np.asarray(layer(image, training=True))[0, ..., 0]
+        rows, cols = np.mgrid[0:8, 0:8]
+        bright = (int(round((rows * out).sum() / out.sum())), int(round((cols * out).sum() / out.sum())))
+        assert bright in {(1, 2), (2, 1), (6, 2), (2, 6), (1, 5), (5, 1), (6, 5), (5, 6)}
+
+
+def test_inference_model_drops_the_augmentation_and_shares_weights():
+    model = models.build_model("lab_cnn", 64, 3)
+    final = models.inference_model(model)
+    assert "augmentation" not in [layer.name for layer in final.layers]
+    x = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    assert np.allclose(model.predict(x, verbose=0), final.predict(x, verbose=0))
+    assert models.embedding_model(final).output.shape[-1] == 1024
+
+
+def test_class_weights_follow_the_study():
+    labels = np.array([0, 0, 0, 1])
+    assert np.allclose(class_weights(labels, 2), [4 / (2 * 3), 4 / (2 * 1)])
+    assert class_weights(labels, 3)[2] == 0
+
+
+def test_presets_and_overrides():
+    assert study.hyperparameters("final", "resnet50")["learning_rate"] == 1e-4
+    published = study.hyperparameters("published", "inception_resnet_v2")
+    assert (published["epochs"], published["batch_size"], published["learning_rate"]) == (5, 32, 1e-3)
+    assert study.hyperparameters("final", "resnet50", {"batch_size": 64})["batch_size"] == 64
+    with pytest.raises(ValueError, match="learning_rte"):
+        study.hyperparameters("final", "resnet50", {"learning_rte": 1})
+
+
+def test_weights_defaults_are_keras_published_files():
+    """The config's ImageNet URLs and MD5s are Keras' own (keras.applications' sources)."""
+    import inspect
+
+    import keras.src.applications.inception_resnet_v2 as irv2
+    import keras.src.applications.inception_v3 as iv3
+    import keras.src.applications.resnet as resnet
+    import yaml
+
+    from tests.conftest import REPO
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    weights = schema["properties"]["weights"]["properties"]
+    base = weights["base_urls"]["default"][0]
+    assert resnet.BASE_WEIGHTS_PATH == base + "resnet/"
+    assert iv3.WEIGHTS_PATH_NO_TOP == base + weights["files"]["default"]["inception_v3"]
+    for architecture, module in (("resnet50", resnet), ("inception_v3", iv3), ("inception_resnet_v2", irv2)):
+        relative = weights["files"]["default"][architecture]
+        md5 = weights["published_files"]["default"][relative]["md5"]
+        source = inspect.getsource(module)
+        assert relative.rsplit("/", 1)[1].split("_weights")[0] in source and md5 in source, architecture
+
+
+def test_warmup_cosine_schedule_rises_then_decays():
+    import keras
+
+    from moaflow.learn import train
+
+    hyper = study.hyperparameters("final", "resnet50", {"schedule": "warmup_cosine", "warmup_epochs": 1,
+                                                         "epochs": 4, "learning_rate": 0.1})
+    optimizer = train._optimizer(hyper, steps_per_epoch=10)
+    schedule = optimizer.learning_rate if callable(optimizer.learning_rate) else optimizer._learning_rate
+    rates = [float(keras.ops.convert_to_numpy(schedule(step))) for step in (0, 5, 10, 25, 39)]
+    assert rates[0] < rates[1] < rates[2] == pytest.approx(0.1)     # linear warm-up to the peak
+    assert rates[2] > rates[3] > rates[4]                           # then cosine decay
+    with pytest.raises(ValueError, match="schedule"):
+        train._optimizer({**hyper, "schedule": "steps"}, 10)

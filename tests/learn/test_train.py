@@ -1,0 +1,273 @@
+"""Training on CPU with small inputs: outputs, jobs of several folds, resume, devices, backends, learning."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moaflow.learn import folds, train
+from moaflow import study
+
+from tests.conftest import build_crop_store, lab_table, needs_real_cells
+
+QUICK = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "run_eagerly": True}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    crops, index_path = build_crop_store(
+        out, [32, 64, 75], n_plates=2, sites=1, dmso_wells=2, moas=["Eg5 inhibitors", "DNA damage"],
+        compounds_per_moa=2, concentrations_per_compound=1, shape=(96, 120), magnification=2.0, seed=21)
+    index = pd.read_parquet(index_path)
+    folds.write_folds(folds.leave_one_compound_out(index, n_validation=1), out / "folds.tsv")
+    return crops, index_path, out / "folds.tsv", index
+
+
+def _job(store, tmp_path, architecture, size, fold_names, hyper, **kwargs):
+    crops, index_path, folds_path, _ = store
+    return train.train_job(crops / f"{size}.npy", index_path, folds_path, fold_names, architecture=architecture,
+                           weights=None, hyper=hyper, seed=kwargs.pop("seed", 0), models_dir=tmp_path / "models",
+                           checkpoints_dir=tmp_path / "ck", dataset="bbbc021", init="random", log=lambda _: None,
+                           **kwargs)
+
+
+@pytest.mark.parametrize("architecture, size", [("resnet50", 32), ("inception_v3", 75),
+                                                ("inception_resnet_v2", 75), ("lab_cnn", 75)])
+def test_each_architecture_trains_a_short_epoch(store, tmp_path, architecture, size):
+    _, _, folds_path, index = store
+    fold = folds.read_folds(folds_path).iloc[0]
+    _job(store, tmp_path, architecture, size, [fold["fold"]], study.hyperparameters("final", architecture, QUICK))
+    out = tmp_path / "models" / fold["fold"]
+    history = pd.read_csv(out / "history.tsv", sep="\t")
+    assert list(history["epoch"]) == [1]
+    assert {"loss", "accuracy", "val_loss", "test_loss", "test_accuracy", "images_per_second"} <= set(history.columns)
+    for name in ("model.keras", "history.tsv", "test_predictions.parquet", "validation_predictions.parquet", "run.json"):
+        assert (out / name).is_file(), name
+    test = pd.read_parquet(out / "test_predictions.parquet")
+    assert len(test) == (index["compound"] == fold["test_group"]).sum()
+    assert {"plate", "well", "site", "source", "fold"} <= set(test.columns)   # traceable to the image
+    probabilities = test.filter(regex="^p_").to_numpy()
+    assert probabilities.shape[1] == index["moa"].nunique() and np.allclose(probabilities.sum(1), 1, atol=1e-5)
+    validation = pd.read_parquet(out / "validation_predictions.parquet")
+    assert set(validation["compound"]) == set(fold["validation_groups"].split(";"))
+    assert not (tmp_path / "ck" / fold["fold"]).exists()   # the checkpoint is cleared once outputs exist
+
+
+def test_run_json_records_backend_devices_and_precision(store, tmp_path):
+    fold = folds.read_folds(store[2]).iloc[0]["fold"]
+    _job(store, tmp_path, "lab_cnn", 64, [fold], study.hyperparameters("lab", "lab_cnn", QUICK))
+    run = json.loads((tmp_path / "models" / fold / "run.json").read_text())
+    assert run["backend"] == "tensorflow" and run["keras_version"]
+    assert run["devices"] and all({"kind", "name"} <= set(d) for d in run["devices"])
+    assert run["dtype_policy"] == "float32" and run["batch_size"] == 4 and run["images_per_second"] > 0
+    assert run["started_at"] <= run["finished_at"] and run["fingerprint"]
+
+
+def test_a_gpu_job_without_a_gpu_stops_with_the_install_hint(store, tmp_path):
+    fold = folds.read_folds(store[2]).iloc[0]["fold"]
+    hyper = study.hyperparameters("lab", "lab_cnn", QUICK)
+    with pytest.raises(train.DeviceError, match=r"asked for 1 GPU.*sees none.*moaflow\[tensorflow-cuda\].*allow_cpu"):
+        _job(store, tmp_path, "lab_cnn", 64, [fold], hyper, gpus=1, allow_cpu=False)
+    assert not (tmp_path / "models").exists()
+    _job(store, tmp_path, "lab_cnn", 64, [fold], hyper, gpus=1, allow_cpu=True)   # on purpose: allowed
+    assert json.loads((tmp_path / "models" / fold / "run.json").read_text())["gpus_visible"] == 0
+
+
+def test_folds_trained_in_one_job_equal_folds_trained_alone(store, tmp_path):
+    """Start-up paid once must not change results: a fold's model restarts from the same state."""
+    names = list(folds.read_folds(store[2])["fold"][:2])
+    hyper = study.hyperparameters("lab", "lab_cnn", {"epochs": 2, "batch_size": 4, "augmentation": True})
+    _job(store, tmp_path / "together", "lab_cnn", 64, names, hyper)
+    _job(store, tmp_path / "alone", "lab_cnn", 64, [names[1]], hyper)
+    together = pd.read_parquet(tmp_path / "together" / "models" / names[1] / "test_predictions.parquet")
+    alone = pd.read_parquet(tmp_path / "alone" / "models" / names[1] / "test_predictions.parquet")
+    columns = [c for c in together if c.startswith("p_")]
+    assert np.allclose(together[columns], alone[columns], atol=1e-5)
+
+
+def test_a_rerun_keeps_finished_folds_and_redoes_changed_ones(store, tmp_path):
+    fold = folds.read_folds(store[2]).iloc[0]["fold"]
+    hyper = study.hyperparameters("lab", "lab_cnn", QUICK)
+    _job(store, tmp_path, "lab_cnn", 64, [fold], hyper)
+    mtime = (tmp_path / "models" / fold / "model.keras").stat().st_mtime_ns
+    summary = _job(store, tmp_path, "lab_cnn", 64, [fold], hyper)
+    assert summary["folds"][fold]["kept"] and (tmp_path / "models" / fold / "model.keras").stat().st_mtime_ns == mtime
+    changed = _job(store, tmp_path, "lab_cnn", 64, [fold], {**hyper, "learning_rate": 0.01})
+    assert not changed["folds"][fold]["kept"]
+
+
+def test_the_saved_model_loads_in_plain_keras_without_optimizer_state(store, tmp_path):
+    crops, _, folds_path, _ = store
+    fold = folds.read_folds(folds_path).iloc[0]["fold"]
+    _job(store, tmp_path, "lab_cnn", 64, [fold], study.hyperparameters("final", "lab_cnn", QUICK))
+    path = tmp_path / "models" / fold / "model.keras"
+    script = ("import sys, numpy as np, keras; m = keras.models.load_model(sys.argv[1]); "
+              "x = np.load(sys.argv[2], mmap_mode='r')[:3]; print(getattr(m, 'optimizer', None) is None, m.input.dtype); "
+              "np.save(sys.argv[3], m.predict(np.asarray(x), verbose=0))")
+    result = subprocess.run([sys.executable, "-c", script, str(path), str(crops / "64.npy"), str(tmp_path / "p.npy")],
+                            capture_output=True, text=True)   # a fresh interpreter: moaflow is never imported
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "moaflow" not in result.stderr and result.stdout.split()[:2] == ["True", "uint8"]
+    from moaflow.learn.models import load_model
+
+    model = load_model(path)
+    assert np.allclose(np.load(tmp_path / "p.npy"), model.predict(np.load(crops / "64.npy")[:3], verbose=0), atol=1e-6)
+    weights = sum(np.prod(v.shape) for v in model.weights)
+    assert path.stat().st_size < 1.3 * 4 * weights      # weights only, no optimizer slots
+
+
+def _train_command(store, tmp_path, epochs):
+    crops, index_path, folds_path, _ = store
+    hyper = json.dumps({"epochs": epochs, "batch_size": 2, "run_eagerly": True})
+    return [sys.executable, "-m", "moaflow", "train", "--store", str(crops / "64.npy"), "--index", str(index_path),
+            "--folds", str(folds_path), "--fold", folds.read_folds(folds_path).iloc[1]["fold"],
+            "--architecture", "lab_cnn", "--preset", "lab", "--hyperparameters", hyper, "--checkpoint-minutes", "0",
+            "--models-dir", str(tmp_path / "models"), "--checkpoints-dir", str(tmp_path / "ck")]
+
+
+def test_killed_after_epoch_one_resumes_with_the_full_history(store, tmp_path):
+    command = _train_command(store, tmp_path, epochs=4)
+    fold = command[command.index("--fold") + 1]
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    state = tmp_path / "ck" / fold / "state.json"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epochs_done"] >= 1:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = json.loads(state.read_text())["epochs_done"]
+    assert 1 <= done < 4, "the kill must land between epochs 1 and 4"
+    assert not (tmp_path / "models" / fold / "run.json").exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from the checkpoint after epoch {done}" in resumed.stderr
+    history = pd.read_csv(tmp_path / "models" / fold / "history.tsv", sep="\t")
+    assert list(history["epoch"]) == [1, 2, 3, 4]
+
+
+def test_same_seed_same_first_epoch_loss(store, tmp_path):
+    fold = folds.read_folds(store[2]).iloc[0]["fold"]
+    hyper = study.hyperparameters("lab", "lab_cnn", {"epochs": 1, "batch_size": 8})
+
+    def loss(seed, name):
+        _job(store, tmp_path / name, "lab_cnn", 64, [fold], hyper, seed=seed)
+        return pd.read_csv(tmp_path / name / "models" / fold / "history.tsv", sep="\t")["loss"].iloc[0]
+
+    first, second, other = loss(0, "a"), loss(0, "b"), loss(1, "c")
+    assert first == pytest.approx(second, rel=1e-6)
+    assert first != pytest.approx(other, rel=1e-4)
+
+
+def test_model_selection_best_validation_restores_the_best_epoch(store, tmp_path):
+    fold = folds.read_folds(store[2]).iloc[0]["fold"]
+    hyper = study.hyperparameters("lab", "lab_cnn", {"epochs": 4, "batch_size": 4, "model_selection": "best_validation"})
+    _job(store, tmp_path, "lab_cnn", 64, [fold], hyper)
+    out = tmp_path / "models" / fold
+    history = pd.read_csv(out / "history.tsv", sep="\t")
+    best = int(history.loc[history["val_accuracy"].idxmax(), "epoch"])
+    run = json.loads((out / "run.json").read_text())
+    assert run["model_selection"].startswith(f"best_validation (epoch {best},")
+    # the reported predictions are the best epoch's: their accuracy is that epoch's test accuracy
+    assert run["test_accuracy"] == pytest.approx(history.loc[history["epoch"] == best, "test_accuracy"].item())
+
+
+def test_model_selection_needs_validation_compounds(store, tmp_path):
+    crops, index_path, _, index = store
+    folds.write_folds(folds.leave_one_compound_out(index), tmp_path / "plain.tsv")
+    hyper = study.hyperparameters("lab", "lab_cnn", {**QUICK, "model_selection": "best_validation"})
+    with pytest.raises(ValueError, match="best_validation needs validation compounds"):
+        train.train_job(crops / "64.npy", index_path, tmp_path / "plain.tsv", [folds.slug(index["compound"][0])],
+                        architecture="lab_cnn", weights=None, hyper=hyper, seed=0, models_dir=tmp_path / "m",
+                        checkpoints_dir=tmp_path / "c", log=lambda _: None)
+
+
+def test_model_selection_mean_last_averages_predictions(store, tmp_path):
+    fold = folds.read_folds(store[2]).iloc[0]["fold"]
+    hyper = study.hyperparameters("lab", "lab_cnn", {"epochs": 3, "batch_size": 4, "model_selection": "mean_last",
+                                                     "selection_epochs": 2})
+    _job(store, tmp_path, "lab_cnn", 64, [fold], hyper)
+    run = json.loads((tmp_path / "models" / fold / "run.json").read_text())
+    assert run["model_selection"] == "mean of epochs 2-3"
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_other_keras_backends_train_a_fold(store, tmp_path, backend):
+    """The multi-backend claim: the same training code runs without TensorFlow's backend."""
+    command = _train_command(store, tmp_path, epochs=1)
+    command[command.index("--hyperparameters") + 1] = json.dumps({"epochs": 1, "batch_size": 4})
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, KERAS_BACKEND=backend))
+    assert result.returncode == 0, result.stderr[-3000:]
+    fold = command[command.index("--fold") + 1]
+    run = json.loads((tmp_path / "models" / fold / "run.json").read_text())
+    assert run["backend"] == backend and run["test_accuracy"] is not None
+
+
+@pytest.mark.slow
+def test_held_out_compounds_are_classified_well_above_chance(tmp_path):
+    """Bar: mean held-out crop accuracy >= 0.5 over one fold per MoA, with 4 MoAs (chance 0.25).
+    The lab CNN on the demo's stand-in (64 px), 15 epochs; measured about 0.85."""
+    crops, index_path = build_crop_store(
+        tmp_path, [64], n_plates=3, sites=3, dmso_wells=4,
+        moas=["Actin disruptors", "DNA damage", "Eg5 inhibitors", "Microtubule stabilizers"],
+        compounds_per_moa=2, concentrations_per_compound=2, shape=(256, 320), magnification=2.5, seed=2019)
+    index = pd.read_parquet(index_path)
+    folds.write_folds(folds.leave_one_compound_out(index), tmp_path / "folds.tsv")
+    names = [folds.slug(c) for c in index.groupby("moa")["compound"].max()]
+    hyper = study.hyperparameters("lab", "lab_cnn", {"epochs": 15, "batch_size": 16})
+    summary = train.train_job(crops / "64.npy", index_path, tmp_path / "folds.tsv", names, architecture="lab_cnn",
+                              weights=None, hyper=hyper, seed=0, models_dir=tmp_path / "models",
+                              checkpoints_dir=tmp_path / "ck", log=lambda _: None)
+    accuracies = [summary["folds"][n]["test_accuracy"] for n in names]
+    assert np.mean(accuracies) >= 0.5, accuracies
+
+
+@needs_real_cells
+@pytest.mark.slow
+def test_real_cells_held_out_compounds_are_classified_above_chance(tmp_path):
+    """Real BBBC021 crops (the course lab's subset, 6 MoAs, chance 1/6): the lab CNN as config/lab_subset.yaml
+    trains it (augmentation, class weights, mean of the last 5 epochs), but at 64 px and 20 epochs, on three
+    compounds of three MoAs. Bar: mean held-out crop accuracy >= 0.40; measured 0.64, 0.76 and 0.67 with
+    seeds 0, 1 and 2 (folds from 0.51 to 0.89), in about 45 s on 2 cores."""
+    from moaflow.files import write_array, write_table
+    from moaflow.preprocess.plates import preprocess_crops
+
+    arrays, index = preprocess_crops(lab_table(), sizes=[64])
+    write_array(arrays[64], tmp_path / "64.npy")
+    write_table(index, tmp_path / "index.parquet")
+    folds.write_folds(folds.dataset_folds(index, variant="loco"), tmp_path / "folds.tsv")
+    names = ["az-a", "az-c", "simvastatin"]
+    hyper = study.hyperparameters("lab", "lab_cnn", {"epochs": 20, "augmentation": True, "class_weights": True,
+                                                     "model_selection": "mean_last", "selection_epochs": 5})
+    summary = train.train_job(tmp_path / "64.npy", tmp_path / "index.parquet", tmp_path / "folds.tsv", names,
+                              architecture="lab_cnn", weights=None, hyper=hyper, seed=0,
+                              models_dir=tmp_path / "models", checkpoints_dir=tmp_path / "ck", log=lambda _: None)
+    accuracies = [summary["folds"][n]["test_accuracy"] for n in names]
+    assert np.mean(accuracies) >= 0.4, accuracies
+
+
+def test_non_finite_predictions_stop_the_fold_by_name(store, tmp_path, monkeypatch):
+    """A model giving NaN (diverged, or broken weights) must not pass as wrong answers (argmax of NaN is 0)."""
+    from moaflow.learn import feeder
+
+    real = feeder.predict
+
+    def with_a_nan(*args, **kwargs):
+        values = real(*args, **kwargs).copy()
+        values[:1] = np.nan
+        return values
+
+    monkeypatch.setattr(feeder, "predict", with_a_nan)
+    fold = folds.read_folds(store[2]).iloc[0]["fold"]
+    with pytest.raises(train.TrainingError, match=f"fold {fold}: 1 of .* not finite"):
+        _job(store, tmp_path, "lab_cnn", 64, [fold], study.hyperparameters("lab", "lab_cnn", QUICK))
+    assert not (tmp_path / "models" / fold / "run.json").exists()

@@ -1,0 +1,159 @@
+"""The pipeline through a real single-node SLURM (started here), with the shipped profile.
+
+Marked `slurm`: `pytest -m slurm` selects it. It runs where it can: as root with Debian's munge and
+slurm-wlm installed, or with MOAFLOW_TEST_SLURM=1 (which `.ci/run` sets; it installs the packages when
+missing, and needs root). Elsewhere it is skipped, and the skip says why. The cluster is private: its
+configuration, keys and state live in a temporary folder, and only its own daemons are stopped.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import BIN, REPO, pipeline_config
+
+pytestmark = pytest.mark.slurm
+CLUSTER = REPO / "tests" / "workflow" / "slurm" / "local_cluster.sh"
+
+
+OPT_IN = "MOAFLOW_TEST_SLURM"
+
+
+def _why_not() -> str | None:
+    """None when this machine can run the SLURM test (installing what is missing if opted in)."""
+    check = subprocess.run(["bash", str(CLUSTER), "check"], capture_output=True, text=True)
+    if check.returncode == 0:
+        return None
+    if os.environ.get(OPT_IN) != "1":
+        return (f"SLURM test skipped: {check.stdout.strip()}; set {OPT_IN}=1 to run it "
+                "(as root; it installs Debian's munge and slurm-wlm if missing)")
+    if os.geteuid() != 0:
+        pytest.fail(f"{OPT_IN}=1 but not root: the SLURM test needs root ({check.stdout.strip()})")
+    subprocess.run(["bash", str(CLUSTER), "install"], check=True)
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = _why_not()
+    if reason:
+        pytest.skip(reason)
+    # Not under pytest's tmp folder: the munge user must be able to reach the socket's folder.
+    state = Path(tempfile.mkdtemp(prefix="moaflow-slurm-"))
+    up = subprocess.run(["bash", str(CLUSTER), "up", str(state)], capture_output=True, text=True)
+    assert up.returncode == 0, up.stderr
+    try:
+        yield {"SLURM_CONF": up.stdout.strip(),
+               "PATH": f"{state / 'bin'}{os.pathsep}{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    finally:
+        subprocess.run(["bash", str(CLUSTER), "down", str(state)], check=False)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def local_profile(directory: Path, gpu: int = 0) -> Path:
+    """The shipped SLURM profile, with its placeholders filled for the local one-node cluster."""
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    profile["default-resources"].pop("slurm_account")
+    profile["default-resources"].update(slurm_partition="local", mem_mb=1500, runtime=30)
+    gpu_rules = [rule for rule, resources in profile["set-resources"].items() if "gpu" in resources]
+    assert {"train", "embed_controls"} <= set(gpu_rules)
+    for rule in gpu_rules:   # the GPU rules: training, and each fold's model embedding the DMSO crops
+        profile["set-resources"][rule].update(slurm_partition="local", gpu=gpu, mem_mb=3000, runtime=30)
+        if not gpu:
+            profile["set-resources"][rule].pop("cpus_per_gpu")
+        profile["set-threads"][rule] = 1
+    profile.update({"slurm-no-account": True, "slurm-status-command": "squeue", "jobs": 4,
+                    "slurm-init-seconds-before-status-checks": 2, "slurm-keep-successful-logs": True})
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(yaml.safe_dump(profile))
+    return directory
+
+
+def snakemake(workdir: Path, config: dict, profile: Path, cluster: dict, *args: str) -> subprocess.CompletedProcess:
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    env = dict(os.environ, **cluster)   # PATH: the cluster's srun, then this environment's moaflow
+    return subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+                           "--configfile", str(workdir / "config.yaml"), "--profile", str(profile), *args],
+                          cwd=workdir, env=env, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def slurm_run(cluster, tmp_path_factory, standin_dir):
+    from moaflow.devtools.serve import StandinServer
+
+    workdir = tmp_path_factory.mktemp("slurm-run")
+    with StandinServer(standin_dir / "www") as server:
+        config = pipeline_config(server.url, standin_dir, workdir)
+        result = snakemake(workdir, config, local_profile(workdir / "profile"), cluster)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+    return workdir, config, result, cluster
+
+
+def test_jobs_went_through_slurm(slurm_run):
+    workdir, config, result, cluster = slurm_run
+    jobs = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%T|%k"], capture_output=True, text=True,
+                          check=True, env=dict(os.environ, **cluster)).stdout.splitlines()
+    completed = [comment for state, comment in (line.split("|", 1) for line in jobs) if state == "COMPLETED"]
+    for rule in ("extract_bbbc021_plate", "preprocess_bbbc021_plate", "preprocess_bbbc021_dmso_plate", "train",
+                 "embed_controls", "evaluate_bbbc021", "profile_bbbc021", "track_mlflow"):
+        assert any(rule in comment for comment in completed), (rule, jobs[:5])
+    # Downloads run on the submit host (localrules): compute nodes often have no internet.
+    assert not any("download" in comment for comment in completed)
+    assert list((workdir / "results" / "bbbc021" / "raw").glob("*.zip.verified.json"))
+    folds = pd.read_csv(config["training"]["bbbc021"]["folds_file"], sep="\t")["fold"]
+    # one training job per (dataset, architecture, initialisation): all its folds in one process
+    assert sum("rule_train" in c for c in completed) == 2
+    for fold in folds:
+        assert (workdir / "results" / "bbbc021" / "models" / "resnet50" / "random" / "seed-0" / fold / "run.json").is_file()
+    assert list((workdir / ".snakemake" / "slurm_logs").rglob("*.log"))
+
+
+def test_outputs_equal_the_local_run(slurm_run, demo):
+    workdir = slurm_run[0]
+    local = demo[0]
+    for relative in ("results/bbbc021/images.parquet", "results/bbbc021/crops/index.parquet",
+                     "results/bbbc014/crops/index.parquet", "results/bbbc021/folds.tsv"):
+        a, b = workdir / relative, local / relative
+        if relative.endswith(".parquet"):
+            pd.testing.assert_frame_equal(pd.read_parquet(a), pd.read_parquet(b))
+        else:
+            assert a.read_bytes() == b.read_bytes(), relative
+    for relative in ("results/bbbc021/crops/32.npy", "results/bbbc014/crops/32.npy"):
+        assert np.array_equal(np.load(workdir / relative), np.load(local / relative)), relative
+    ours = json.loads((workdir / "results/bbbc021/evaluation/summary.json").read_text())
+    theirs = json.loads((local / "results/bbbc021/evaluation/summary.json").read_text())
+    assert ours["accuracy"].keys() == theirs["accuracy"].keys()
+    for key, levels in ours["accuracy"].items():                           # same seed, same CPU results
+        if key != "published":
+            assert levels == pytest.approx(theirs["accuracy"][key], abs=1e-6), key
+
+
+def test_mlflow_lost_no_run_under_slurm(slurm_run):
+    from mlflow.tracking import MlflowClient
+
+    workdir, config = slurm_run[:2]
+    runs = json.loads((workdir / "results" / "mlflow" / "runs.json").read_text())
+    n_jobs = len(pd.read_csv(config["training"]["bbbc021"]["folds_file"], sep="\t")) + 2
+    client = MlflowClient(f"sqlite:///{workdir}/results/mlflow/mlflow.db")
+    found = client.search_runs([client.get_experiment_by_name(config["tracking"]["experiment"]).experiment_id])
+    assert len([r for r in found if r.data.tags.get("mlflow.parentRunId") == runs["parent_run_id"]]) == n_jobs
+
+
+def test_gpu_rule_is_submitted_with_a_gpu_request(slurm_run):
+    """No GPU here, so SLURM refuses the job: what matters is what the plugin asked sbatch for."""
+    workdir, config, _, cluster = slurm_run
+    target = next((workdir / "results" / "bbbc021" / "models").rglob("jobs/*.json")).relative_to(workdir)
+    result = snakemake(workdir, config, local_profile(workdir / "gpu-profile", gpu=1), cluster, str(target),
+                       "--forcerun", "train", "--verbose", "--retries", "0")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "sbatch" in output and "--gpus=1" in output, output[-3000:]
+    assert "gres" in output.lower()          # SLURM's refusal: this node has no GPU

@@ -1,0 +1,329 @@
+"""The whole pipeline end to end: `moaflow demo` on a tiny stand-in, plus rerun behaviour."""
+
+import copy
+import json
+import os
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from moaflow.devtools import standin
+from moaflow.devtools.serve import StandinServer
+
+from tests.conftest import BIN, LAB_SUBSET, REPO, TINY_BBBC021, needs_real_cells, pipeline_config, run_snakemake
+
+
+def test_lint_has_no_findings():
+    result = subprocess.run([str(BIN / "snakemake"), "--lint", "--configfile", str(REPO / "config" / "demo.yaml")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Lints for" not in result.stdout + result.stderr
+
+
+def test_demo_serves_on_loopback_and_stops(demo):
+    _, _, port, result = demo
+    assert f"127.0.0.1:{port}" in result.stdout
+    with socket.socket() as sock:  # the server is gone: nothing listens on the port any more
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_demo_tables_and_crops(demo):
+    workdir, config, _, _ = demo
+    results = workdir / "results"
+    table = pd.read_parquet(results / "bbbc021" / "images.parquet")
+    n_treatments = len(standin.select_treatments(TINY_BBBC021["moas"], 2, 1))
+    per_plate = (n_treatments + TINY_BBBC021["dmso_wells"]) * TINY_BBBC021["sites"]
+    assert len(table) == per_plate * TINY_BBBC021["n_plates"]
+    assert all((workdir / p).is_file() for p in table["path_dapi"])
+    index = pd.read_parquet(results / "bbbc021" / "crops" / "index.parquet")
+    store = np.load(results / "bbbc021" / "crops" / "32.npy", mmap_mode="r")
+    assert store.shape == (len(index), 32, 32, 3) and 0 < len(index) <= 4 * (~table["is_dmso"]).sum()
+    for plate in config["bbbc021"]["plates"]:
+        assert (results / "bbbc021" / "illumination" / f"{plate}.png").is_file()
+    assert len(pd.read_parquet(results / "bbbc014" / "crops" / "index.parquet")) == 64 * 16
+    assert not list(results.rglob("*.part")) and not list(results.rglob("*.tmp*"))
+
+
+def test_demo_trained_every_fold(demo):
+    workdir, config, _, _ = demo
+    folds = pd.read_csv(config["training"]["bbbc021"]["folds_file"], sep="\t")
+    for fold in folds["fold"]:
+        run = json.loads((workdir / "results" / "bbbc021" / "models" / "resnet50" / "random" / "seed-0" / fold / "run.json").read_text())
+        assert run["fold"] == fold and run["n_test"] > 0
+    for fold in ("a549", "mcf7"):
+        assert (workdir / "results" / "bbbc014" / "models" / "resnet50" / "random" / "seed-0" / fold / "model.keras").is_file()
+    assert not (workdir / "results" / "bbbc021" / "checkpoints").exists() or \
+        not list((workdir / "results" / "bbbc021" / "checkpoints").rglob("*.keras"))
+
+
+def test_mlflow_holds_the_parent_and_every_child_after_parallel_jobs(demo):
+    from mlflow.tracking import MlflowClient
+
+    workdir, config, _, _ = demo
+    runs = json.loads((workdir / "results" / "mlflow" / "runs.json").read_text())
+    n_jobs = len(pd.read_csv(config["training"]["bbbc021"]["folds_file"], sep="\t")) + 2
+    assert len(runs["children"]) == n_jobs
+    client = MlflowClient(f"sqlite:///{workdir}/results/mlflow/mlflow.db")
+    experiment = client.get_experiment_by_name(config["tracking"]["experiment"])
+    assert experiment is not None and not (workdir / "pwned").exists()   # the name stayed text
+    found = client.search_runs([experiment.experiment_id])
+    children = [r for r in found if r.data.tags.get("mlflow.parentRunId") == runs["parent_run_id"]]
+    assert len(children) == n_jobs
+    parent = client.get_run(runs["parent_run_id"])
+    assert parent.data.tags["config_hash"] and parent.data.tags["git_commit"]
+    for child in children:
+        assert {"architecture", "init", "fold", "fold_group", "git_commit", "config_hash"} <= set(child.data.tags)
+        assert len(client.get_metric_history(child.info.run_id, "loss")) == 1   # one epoch
+        assert "test_accuracy" in child.data.metrics
+        assert {"hp.learning_rate", "n_train"} <= set(child.data.params)
+
+
+def test_evaluation_and_report(demo):
+    workdir, _, _, result = demo
+    summary = json.loads((workdir / "results" / "bbbc021" / "evaluation" / "summary.json").read_text())
+    assert set(summary["accuracy"]["resnet50/random"]) == {"crop", "image", "treatment"}
+    accuracy = pd.read_csv(workdir / "results" / "bbbc021" / "evaluation" / "accuracy.csv")
+    assert set(accuracy["level"]) == {"crop", "image", "treatment"}
+    deviations = pd.read_csv(workdir / "results" / "bbbc021" / "evaluation" / "deviations.csv")
+    assert deviations["differs"].any()                          # a stand-in and random init differ from the paper
+    assert (workdir / "results" / "bbbc014" / "evaluation" / "well_accuracy.csv").is_file()
+    report = (workdir / "results" / "report.html").read_text(errors="replace")
+    for figure in ("learning_curves.png", "confusion_treatment_resnet50_random.png", "conformal.csv",
+                   "confusion_treatment_resnet50_published.png", "Uncertainty", "QC", "This run:"):
+        assert figure in report, figure
+    assert "report:" in result.stdout
+    published = accuracy.query("source == 'published predictions' and level == 'treatment'")
+    assert published.set_index("architecture")["accuracy_percent"].round(2).to_dict() == {
+        "resnet50": 97.09, "inception_v3": 97.09, "inception_resnet_v2": 95.15}
+    conformal = pd.read_csv(workdir / "results" / "bbbc021" / "evaluation" / "conformal.csv")
+    assert set(conformal["level"]) == {"crop", "treatment"}
+    # profiling beside the literature, the profile map and the occlusion maps, in the report's Interpretation
+    scores = pd.read_csv(workdir / "results" / "bbbc021" / "profiling" / "nsc_nscb.csv")
+    assert set(scores["score"]) == {"NSC", "NSCB"} and set(scores["source"]) == {"resnet50/random"}
+    literature = pd.read_csv(workdir / "results" / "bbbc021" / "profiling" / "literature.csv")
+    assert "WS-DINO" in set(literature["method"]) and literature["method"].str.startswith("this run").any()
+    for name in ("Interpretation", "profile_map.png", "resnet50_random.png", "literature.csv"):
+        assert name in report, name
+    # normalised to the DMSO crops (config/config.yaml: dmso_sphere), each fold's model embedding them; named
+    assert set(scores["normalisation"]) == {"dmso_sphere"}
+    controls = np.load(workdir / "results" / "bbbc021" / "profiling" / "controls" / "resnet50" / "random" / "seed-0.npz")
+    dmso = pd.read_parquet(workdir / "results" / "bbbc021" / "dmso" / "index.parquet")
+    assert len(controls["folds"]) == len(pd.read_csv(workdir / "folds_bbbc021.tsv", sep="\t"))
+    assert set(dmso["compound"]) == {"DMSO"} and list(controls["plates"]) == sorted(set(dmso["plate"]))
+    assert literature["source"].str.contains("dmso_sphere").any() and "sphered (whitened)" in report
+
+
+def test_second_run_does_nothing(demo):
+    workdir, _, _, _ = demo
+    # the same configuration as the demo's run (its hash tags the MLflow runs, so a changed
+    # configuration would rightly log again)
+    config = yaml.safe_load((workdir / "demo.yaml").read_text())
+    again = run_snakemake(workdir, config, "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_rerun_continues_where_it_stopped(tmp_path, server, standin_dir):
+    config = pipeline_config(server.url, standin_dir, tmp_path)
+    run_snakemake(tmp_path, config, "--until", "download_bbbc021_plate")
+    before = {p for _, p, _ in server.requests}
+    run_snakemake(tmp_path, config, "--until", "bbbc021_image_table")
+    after = [p for _, p, _ in server.requests]
+    zips = [p for p in after if "images_Week" in p]
+    assert len(zips) == len(set(zips)) == TINY_BBBC021["n_plates"]  # no plate fetched twice
+    assert before <= set(after)
+    assert (tmp_path / "results" / "bbbc021" / "images.parquet").is_file()
+
+
+def _data_files(results: Path) -> dict[str, tuple[int, int]]:
+    """Every downloaded or extracted data file (receipts aside) -> (inode, mtime)."""
+    return {str(p.relative_to(results)): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for folder in ("bbbc021/raw", "bbbc021/images", "bbbc014/raw", "bbbc014/images")
+            for p in (results / folder).rglob("*") if p.is_file() and not p.name.endswith(".verified.json")}
+
+
+def test_changing_download_settings_transfers_nothing_and_deletes_nothing(tmp_path, server, standin_dir):
+    """Before: a new retries/timeout/backoff/mirror list made Snakemake redo every download, deleting each
+    zip first. After: those settings are no params; even a forced rerun reuses the verified data."""
+    config = pipeline_config(server.url, standin_dir, tmp_path)
+    run_snakemake(tmp_path, config, "--until", "bbbc021_image_table", "bbbc014_image_table")
+    results = tmp_path / "results"
+    files = _data_files(results)
+    assert len(files) > 10
+    dead = StandinServer(standin_dir / "www")   # bound, then closed: connection refused
+    dead_url = dead.url
+    dead.server_close()
+    config["download"].update(retries=4, backoff_seconds=0.3, timeout_seconds=11)
+    config["bbbc021"]["base_urls"] = [dead_url + "BBBC021/", *config["bbbc021"]["base_urls"]]
+    config["bbbc014"]["base_urls"] = [dead_url + "BBBC014/", *config["bbbc014"]["base_urls"]]
+    n_requests = len(server.requests)
+    dry = run_snakemake(tmp_path, config, "-n", "--until", "bbbc021_image_table", "bbbc014_image_table")
+    assert re.search(r"^total\s+0$", dry.stdout, re.MULTILINE), dry.stdout[-3000:]   # no job to run
+    # Even forced (a new moaflow version changing a rule's code does this), nothing is fetched or lost.
+    run_snakemake(tmp_path, config, "--forcerun", "download_bbbc021_plate", "extract_bbbc021_plate",
+                  "--until", "bbbc021_image_table")
+    assert len(server.requests) == n_requests
+    assert _data_files(results) == files
+    log = (results / "logs" / "download" / "bbbc021_Week1_22123.log").read_text()
+    assert "already present and verified" in log and "nothing fetched" in log
+
+
+def test_config_values_never_reach_a_shell(tmp_path, server, standin_dir):
+    """Before: a base URL with ' passed the schema and $(...) in it ran. After: URLs are schema-checked and
+    reach no shell, and a free-text value (a regular expression) is quoted: its $(...) stays text."""
+    config = pipeline_config(server.url, standin_dir, tmp_path)
+    evil_url = copy.deepcopy(config)
+    evil_url["bbbc021"]["base_urls"] = [server.url + "BBBC021/'$(touch " + str(tmp_path / "pwned") + ")'"]
+    refused = run_snakemake(tmp_path, evil_url, "-n", check=False)
+    assert refused.returncode != 0 and "base_urls" in refused.stdout + refused.stderr
+    marker = tmp_path / "pwned2"
+    real = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["bbbc014"]["filename_regex"]
+    config["bbbc014"]["filename_regex"] = real + f"(?:'$(touch {marker})')?"   # still matches every file name
+    run_snakemake(tmp_path, config, "--until", "bbbc014_image_table")
+    assert not marker.exists() and not (tmp_path / "pwned").exists()
+    assert len(pd.read_parquet(tmp_path / "results" / "bbbc014" / "images.parquet")) == 96
+
+
+def test_imagenet_weights_are_fetched_once_and_training_only_reads_them(tmp_path, server, standin_dir):
+    """fetch_weights downloads each architecture's notop file once (hash-checked); the training job reads it."""
+    files = {"resnet50": "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"}
+    digests = standin.write_weights(tmp_path / "wsrc", files, seed=3, log=lambda _: None)
+    config = pipeline_config(server.url, standin_dir, tmp_path)
+    config["datasets"] = ["bbbc021"]
+    config["training"]["initialisations"] = [{"name": "imagenet", "weights": "imagenet"}]
+    target = "results/bbbc021/models/resnet50/imagenet/seed-0/jobs/part-01-of-01.json"
+    with StandinServer(tmp_path / "wsrc" / "www") as weights_server:
+        config["weights"] = {"base_urls": [weights_server.url + "weights/"], "files": files,
+                             "published_files": {files["resnet50"]: {"md5": "0" * 32}}}
+        wrong = run_snakemake(tmp_path, config, "--until", "fetch_weights", check=False)
+        assert wrong.returncode != 0
+        assert "MD5" in (tmp_path / "results" / "logs" / "download" / "weights_resnet50.log").read_text()
+        config["weights"]["published_files"] = {files["resnet50"]: {"md5": digests[files["resnet50"]]}}
+        result = run_snakemake(tmp_path, config, target)
+        # The untrained ImageNet features as a profiling source, normalised to DMSO like the trained ones.
+        config["profiling"].update(imagenet_features=True, normalisation="dmso_sphere")
+        run_snakemake(tmp_path, config, "results/bbbc021/profiling/summary.json")
+        gets = [p for method, p, _ in weights_server.requests if method == "GET" and p.endswith(".h5")]
+    assert "localrule fetch_weights" in result.stdout + result.stderr
+    assert len(gets) == 2            # once refused (wrong MD5), once accepted; training fetched nothing
+    run = json.loads(next((tmp_path / "results" / "bbbc021" / "models" / "resnet50" / "imagenet").rglob(
+        "run.json")).read_text())
+    assert run["weights"] == "results/weights/resnet50_notop.h5"
+    log = next((tmp_path / "results" / "logs" / "training").rglob("*.log")).read_text()
+    assert "http" not in log
+    summary = json.loads((tmp_path / "results" / "bbbc021" / "profiling" / "summary.json").read_text())
+    assert set(summary["profiling"]) == {"resnet50/imagenet", "resnet50/imagenet features"}
+    assert summary["profiles"]["normalisation"] == "dmso_sphere"
+    profile_log = (tmp_path / "results" / "logs" / "profiling" / "bbbc021.log").read_text()
+    assert "resnet50/imagenet features: features normalised to the DMSO crops" in profile_log
+
+
+def test_slurm_profile_runs_downloads_and_weights_on_the_submit_host(tmp_path):
+    """The dry run of the real study through the SLURM profile: fetching jobs are local, the rest submitted."""
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    profile["default-resources"].update(slurm_account="test", slurm_partition="cpu")
+    profile["set-resources"]["train"]["slurm_partition"] = "gpu"
+    profile["set-resources"]["embed_controls"]["slurm_partition"] = "gpu"
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
+    result = subprocess.run([str(BIN / "snakemake"), "-n", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+                             "--configfile", str(REPO / "config" / "config.yaml"),
+                             "--profile", str(tmp_path / "profile")], capture_output=True, text=True,
+                            env=dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    local = re.search(r"Run on the submit host \(localrules\): (.*)", output).group(1).split(", ")
+    assert {"download_bbbc021_plate", "download_bbbc021_metadata", "download_bbbc014_file", "fetch_weights"} <= set(local)
+    assert not {"train", "extract_bbbc021_plate", "preprocess_bbbc021_plate", "embed_controls"} & set(local)
+    assert "rule train:" in output and "rule fetch_weights:" in output and "rule embed_controls:" in output
+
+
+MODULE_SNAKEFILE = """configfile: "config.yaml"
+
+
+module moaflow:
+    snakefile:
+        "{snakefile}"
+    config:
+        config
+
+
+use rule * from moaflow
+"""
+
+
+def test_the_real_config_dry_runs_from_another_directory_and_as_a_module(tmp_path):
+    """Shipped files (folds, schemas, captions, scripts, envs) are found through the workflow's own location."""
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    scratch = tmp_path / "scratch"
+    (scratch / "config").mkdir(parents=True)
+    (scratch / "config" / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
+    elsewhere = subprocess.run([str(BIN / "snakemake"), "-n", "-s", str(REPO / "Snakefile"), "--directory",
+                                str(scratch)], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
+    assert re.search(r"^train\s+30$", elsewhere.stdout, re.MULTILINE), elsewhere.stdout[-2000:]
+    deployed = tmp_path / "deployed"
+    deployed.mkdir()
+    (deployed / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
+    (deployed / "Snakefile").write_text(MODULE_SNAKEFILE.format(snakefile=REPO / "Snakefile"))
+    module = subprocess.run([str(BIN / "snakemake"), "-n"], cwd=deployed, capture_output=True, text=True, env=env)
+    assert module.returncode == 0, module.stderr[-3000:]
+    assert re.search(r"^train\s+30$", module.stdout, re.MULTILINE)
+
+
+def test_the_standin_runs_as_a_deployed_module(tmp_path, server, standin_dir):
+    config = pipeline_config(server.url, standin_dir, tmp_path)
+    config["datasets"] = ["bbbc021"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "Snakefile").write_text(MODULE_SNAKEFILE.format(snakefile=REPO / "Snakefile"))
+    result = subprocess.run([str(BIN / "snakemake"), "--cores", "2"], cwd=tmp_path, capture_output=True, text=True,
+                            env=dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "results" / "bbbc021" / "evaluation" / "summary.json").read_text())
+    assert set(summary["accuracy"]["resnet50/random"]) == {"crop", "image", "treatment"}
+    assert (tmp_path / "results" / "mlflow" / "runs.json").is_file()
+
+
+@needs_real_cells
+def test_the_lab_subset_config_dry_runs(tmp_path):
+    """The README's real-cells command: one training job per seed, then evaluation, profiling and the report."""
+    config = yaml.safe_load((REPO / "config" / "lab_subset.yaml").read_text())
+    config["crops"]["lab_subset"].update(images=str(LAB_SUBSET / "images"), metadata=str(LAB_SUBSET / "labels.csv"))
+    alone = run_snakemake(tmp_path, config, "-n", check=False)      # without the base config it layers on
+    message = alone.stdout + alone.stderr
+    assert alone.returncode != 0 and "no 'bbbc021' section" in message and "config/config.yaml" in message
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
+    result = run_snakemake(tmp_path, config, "-n", "-p")
+    assert "--channels Actin,Tubulin,DAPI" in result.stdout                 # the figure names the config's channels
+    config["crops"]["lab_subset"]["channels"] = ["membrane", "tubulin", "nuclei"]
+    renamed = run_snakemake(tmp_path, config, "-n", "-p")
+    assert "--channels membrane,tubulin,nuclei" in renamed.stdout
+    seeds = config["training"]["seeds"]
+    assert len(seeds) == 3
+    assert re.search(rf"^train\s+{len(seeds)}$", result.stdout, re.MULTILINE), result.stdout[-3000:]
+    for rule in ("evaluate_lab_subset", "profile_lab_subset", "track_mlflow"):
+        assert re.search(rf"^{rule}\s+1$", result.stdout, re.MULTILINE), (rule, result.stdout[-3000:])
+    assert "embed_controls" not in result.stdout          # no DMSO crops here: profiles are not normalised to them
+    config["profiling"]["normalisation"] = "dmso_sphere"
+    refused = run_snakemake(tmp_path, config, "-n", check=False)
+    assert refused.returncode != 0
+    assert "profiling.normalisation" in refused.stdout and "'lab_subset' has none" in refused.stdout
+
+
+@needs_real_cells
+def test_renaming_a_crops_datasets_channels_redoes_no_table(tmp_path):
+    """The channels' names only label figures: changing them must not rebuild the table, store and models."""
+    config = yaml.safe_load((REPO / "config" / "lab_subset.yaml").read_text())
+    config["crops"]["lab_subset"].update(images=str(LAB_SUBSET / "images"), metadata=str(LAB_SUBSET / "labels.csv"))
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
+    run_snakemake(tmp_path, config, "--until", "crops_table_lab_subset")
+    assert (tmp_path / "results" / "lab_subset" / "images.parquet").is_file()
+    config["crops"]["lab_subset"]["channels"] = ["Hoechst", "tubulin", "actin"]
+    dry = run_snakemake(tmp_path, config, "-n", "--until", "crops_table_lab_subset")
+    assert re.search(r"^total\s+0$", dry.stdout, re.MULTILINE), dry.stdout[-3000:]     # no job to run
