@@ -21,7 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/moaflow bench-preprocess
-	$(BIN)/moaflow bench-training --feeder
+	$(BIN)/moaflow bench-feeder
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint --configfile config/demo.yaml

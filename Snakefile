@@ -16,10 +16,12 @@ include: "workflow/rules/profiling.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True
 
 
 # Where jobs run: fetching needs the internet, which cluster compute nodes often lack.
-logger.info(f"Run on the submit host (localrules): {', '.join(sorted(workflow._localrules))}")
+logger.info(
+    f"Run on the submit host (localrules): {', '.join(sorted(workflow._localrules))}"
+)

@@ -13,9 +13,10 @@ import pytest
 import tifffile
 import yaml
 
+from moaflow import config as moaflow_config
 from moaflow.datasets import download
-from moaflow.devtools import standin
 from moaflow.datasets.tables import bbbc021_image_table
+from moaflow.devtools import standin
 from moaflow.devtools.serve import StandinServer
 from moaflow.study import BBBC021_PLATES_BY_WEEK
 
@@ -34,7 +35,47 @@ def lab_table():
     return crops_table(LAB_SUBSET / "images", LAB_SUBSET / "labels.csv", columns=LAB_COLUMNS,
                        filename="bbbc021v1_{index}.png", separator=";", batch_pattern="^(Week[0-9]+)_",
                        log=lambda _: None)
+
+
 BIN = Path(sys.executable).parent
+#: Every setting's default, as the workflow resolves it (the study's own settings).
+DEFAULTS = moaflow_config.defaults()
+_PRE021, _PRE014 = DEFAULTS["preprocess"]["bbbc021"], DEFAULTS["preprocess"]["bbbc014"]
+#: The study's BBBC021 preprocessing as `moaflow.preprocess.plates.preprocess_plate`'s keywords.
+STUDY_PREPROCESSING = {"grid": tuple(_PRE021["crop_grid"]), "normalisation": _PRE021["normalisation"],
+                       "percentiles": tuple(_PRE021["percentiles"]), "empty_threshold": _PRE021["empty_threshold"],
+                       "empty_fraction": _PRE021["empty_fraction"]}
+#: The study's BBBC014 preprocessing as `moaflow.preprocess.plates.preprocess_bbbc014`'s keywords.
+BBBC014_PREPROCESSING = {"grid": tuple(_PRE014["crop_grid"]), "minmax": _PRE014["minmax"]}
+#: The original's empty-crop threshold (on the 0..255 float image).
+THRESHOLD = _PRE021["empty_threshold"]
+#: A CPU training job's settings as `moaflow.learn.train.train_job` takes them (the config's defaults, on the CPU).
+JOB = {"gpus": 0, "allow_cpu": DEFAULTS["training"]["allow_cpu"],
+       "load_into_memory": DEFAULTS["training"]["load_into_memory"],
+       "checkpoint_minutes": DEFAULTS["training"]["checkpoint_minutes"]}
+
+
+def study(**overrides) -> dict:
+    """`STUDY_PREPROCESSING` with some settings changed."""
+    return {**STUDY_PREPROCESSING, **overrides}
+
+
+def flags(**options) -> list[str]:
+    """Keyword arguments as the generated command line takes them (``moaflow <step> --name value ...``)."""
+    import json
+
+    out = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, (list, tuple)) and not any(isinstance(v, (list, tuple, dict)) for v in value):
+            out += [flag, *map(str, value)]
+        elif isinstance(value, (dict, list, tuple)):
+            out += [flag, json.dumps(value)]
+        else:
+            out += [flag, str(value)]
+    return out
 
 #: A stand-in small enough for seconds-long tests, with every structural feature of the real one.
 TINY_BBBC021 = dict(n_plates=2, sites=2, dmso_wells=2, moas=["DNA damage", "Eg5 inhibitors"],
@@ -64,7 +105,11 @@ def tiny_config(workdir: Path, server_url: str) -> dict:
     """
     from moaflow.learn import folds
 
-    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    from snakemake.utils import update_config
+
+    # config/demo.yaml layered on config/config.yaml, as `moaflow demo` runs it from the repository
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    update_config(config, yaml.safe_load((REPO / "config" / "demo.yaml").read_text()))
     treatments = pd.DataFrame(standin.select_treatments(
         TINY_BBBC021["moas"], TINY_BBBC021["compounds_per_moa"], TINY_BBBC021["concentrations_per_compound"]))
     folds.write_folds(folds.leave_one_compound_out(treatments.assign(batch="Week1"), n_validation=1),
@@ -132,7 +177,7 @@ def build_crop_store(out: Path, sizes: list[int], controls: bool = False, **stan
     for kind in ("crops", "dmso") if controls else ("crops",):
         parts = []
         for plate in manifest["plates"]:
-            arrays, index = plates.preprocess_plate(table[table["plate"] == plate], sizes=sizes,
+            arrays, index = plates.preprocess_plate(table[table["plate"] == plate], sizes=sizes, **STUDY_PREPROCESSING,
                                                         controls=kind == "dmso")
             for size, array in arrays.items():
                 write_array(array, out / f"{plate}.{kind}.{size}.npy")

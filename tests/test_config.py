@@ -1,4 +1,4 @@
-"""The config is validated against workflow/schemas/config.schema.yaml by common.smk."""
+"""The config: validated once (moaflow.config) against the packaged schema and the registries."""
 
 import copy
 
@@ -6,27 +6,33 @@ import pandas as pd
 import pytest
 import yaml
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
+from moaflow import config as moaflow_config
 from moaflow.study import resolve_plates
 
-from .conftest import REFERENCE, REPO, run_snakemake
-
-SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
+from tests.conftest import REFERENCE, REPO, run_snakemake
 
 
 def _config(name):
     return yaml.safe_load((REPO / "config" / name).read_text())
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "demo.yaml"])
+def _layered(name):
+    """A shipped config file over config/config.yaml, as Snakemake layers --configfile files."""
+    from snakemake.utils import update_config
+
+    base = _config("config.yaml")
+    update_config(base, _config(name))
+    return base
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "demo.yaml", "lab_subset.yaml"])
 def test_shipped_configs_are_valid(name):
-    validate(_config(name), SCHEMA)
+    moaflow_config.validate(_layered(name))
 
 
 def test_real_config_has_all_55_plates_and_real_urls():
-    config = _config("config.yaml")
-    validate(config, SCHEMA)
+    config = moaflow_config.validate(_config("config.yaml"))
     plates = resolve_plates(config["bbbc021"]["plates"])
     published = pd.read_csv(REFERENCE / "bbbc021" / "BBBC021_v1_image.csv", usecols=["Image_Metadata_Plate_DAPI"])
     assert len(plates) == 55 and set(plates) == set(published["Image_Metadata_Plate_DAPI"])
@@ -34,25 +40,71 @@ def test_real_config_has_all_55_plates_and_real_urls():
     assert config["bbbc014"]["base_urls"][0] == "https://data.broadinstitute.org/bbbc/BBBC014/"
 
 
+def test_the_defaults_are_the_papers_settings():
+    """The defaults reproduce the study (shared/reference/kensert2019.md): the deviations table takes them as
+    the paper's column, so each is checked against the reference here."""
+    defaults = moaflow_config.defaults()
+    pre = defaults["preprocess"]["bbbc021"]
+    assert pre["illumination"]["apply"] is False and pre["normalisation"] == "study"
+    assert pre["crop_grid"] == [2, 2] and pre["empty_fraction"] == 0.002 and pre["empty_threshold"] == 255 / 5.1
+    assert defaults["training"]["architectures"] == ["resnet50", "inception_v3", "inception_resnet_v2"]
+    assert [i["weights"] for i in defaults["training"]["initialisations"]] == ["imagenet", "none"]
+    assert defaults["training"]["bbbc021"]["preset"] == "final" and defaults["bbbc021"]["taxol_rule"] is True
+    assert [moaflow_config.input_size(defaults, "bbbc021", a) for a in defaults["training"]["architectures"]] == [
+        224, 299, 299]
+    assert defaults["training"]["bbbc014"]["preset"] == "bbbc014"
+    assert moaflow_config.input_size(defaults, "bbbc014", "resnet50") == 256   # BBBC014: 256 px crops, no resize
+
+
 def test_defaults_are_filled_in():
-    config = _config("demo.yaml")
-    validate(config, SCHEMA)
+    config = moaflow_config.validate(_layered("demo.yaml"))
     assert config["bbbc021"]["archive_pattern"] == "BBBC021_v1_images_{plate}.zip"
     assert config["bbbc014"]["expected_images"] == 192
 
 
 def test_wrong_type_names_the_key():
-    config = _config("demo.yaml")
+    config = _layered("demo.yaml")
     config["download"]["retries"] = "five"
     with pytest.raises(WorkflowError, match=r"(?s)'five' is not of type 'integer'.*retries"):
-        validate(config, SCHEMA)
+        moaflow_config.validate(config)
 
 
 def test_unknown_key_names_the_key():
-    config = _config("demo.yaml")
+    config = _layered("demo.yaml")
     config["bbbc021"]["plate_list"] = ["Week1_22123"]
     with pytest.raises(WorkflowError, match="plate_list"):
-        validate(config, SCHEMA)
+        moaflow_config.validate(config)
+
+
+def test_names_come_from_the_registries():
+    """An architecture, preset or normalisation the registries do not hold is refused with the key named; a
+    registered one passes without any edit of the schema."""
+    for path, value in ((("training", "architectures"), ["resnet51"]), (("training", "bbbc021", "preset"), "fnal"),
+                        (("preprocess", "bbbc021", "normalisation"), "zscore"),
+                        (("profiling", "feature_normalisation"), "dmso_whiten")):
+        config = _config("config.yaml")
+        section = config
+        for key in path[:-1]:
+            section = section.setdefault(key, {})
+        section[path[-1]] = value
+        with pytest.raises(WorkflowError, match=path[-1]):
+            moaflow_config.validate(config)
+    schema = moaflow_config.schema()
+    assert "lab_cnn" in schema["properties"]["training"]["properties"]["architectures"]["items"]["enum"]
+
+
+def test_a_renamed_key_says_its_new_name():
+    config = _config("config.yaml")
+    config["profiling"]["normalisation"] = "dmso_sphere"
+    with pytest.raises(ValueError, match="profiling.feature_normalisation"):
+        moaflow_config.validate(config)
+
+
+def test_an_input_size_without_a_crop_store_is_named():
+    config = _config("config.yaml")
+    config["preprocess"] = {"bbbc021": {"input_sizes": [224, 256]}}
+    with pytest.raises(ValueError, match=r"inception_v3 trains at 299 px.*preprocess.bbbc021.input_sizes"):
+        moaflow_config.validate(config)
 
 
 def test_snakemake_refuses_a_bad_config(tmp_path):

@@ -8,6 +8,9 @@ import pytest
 
 from moaflow import logs
 from moaflow.errors import VerificationError
+from moaflow.learn.presets import hyperparameters
+
+from tests.conftest import flags
 
 
 def test_startup_noise_is_dropped_and_real_errors_pass(capfd):
@@ -30,10 +33,11 @@ def test_user_errors_become_one_line(capsys):
 
 def test_a_cpu_only_command_prints_no_framework_noise(tmp_path):
     """`moaflow train --gpus 0` on this CPU machine: its log starts with our device line, not CUDA probing."""
-    result = subprocess.run([sys.executable, "-m", "moaflow", "train", "--store", str(tmp_path / "none.npy"),
-                             "--index", str(tmp_path / "none.parquet"), "--folds", str(tmp_path / "none.tsv"),
-                             "--fold", "x", "--architecture", "lab_cnn", "--models-dir", str(tmp_path / "m"),
-                             "--checkpoints-dir", str(tmp_path / "c"), "--gpus", "0"], capture_output=True, text=True)
+    options = flags(store=tmp_path / "none.npy", index=tmp_path / "none.parquet", folds=tmp_path / "none.tsv",
+                    fold_names=["x"], architecture="lab_cnn", weights="none", hyper=hyperparameters("lab", "lab_cnn"),
+                    seed=0, models_dir=tmp_path / "m", checkpoints_dir=tmp_path / "c", gpus=0, allow_cpu=False,
+                    load_into_memory="auto", checkpoint_minutes=10)
+    result = subprocess.run([sys.executable, "-m", "moaflow", "train", *options], capture_output=True, text=True)
     assert result.returncode == 1
     assert "cuInit" not in result.stderr and "oneDNN" not in result.stderr and "absl" not in result.stderr
     lines = result.stderr.strip().splitlines()

@@ -13,10 +13,11 @@ from datetime import datetime
 import pandas as pd
 import pytest
 
-from moaflow.learn import folds
 from moaflow import tracking
+from moaflow.learn import folds
+from moaflow.learn.presets import hyperparameters
 
-from .conftest import BIN, build_crop_store
+from tests.conftest import BIN, JOB, build_crop_store, flags
 
 
 def _free_port() -> int:
@@ -69,11 +70,12 @@ def small_store(tmp_path_factory):
 def _train(small_store, tmp_path, epochs, env):
     store, index, folds_path = small_store
     fold = folds.read_folds(folds_path).iloc[0]["fold"]
-    command = [sys.executable, "-m", "moaflow", "train", "--store", str(store), "--index", str(index),
-               "--folds", str(folds_path), "--fold", fold, "--architecture", "lab_cnn", "--preset", "lab",
-               "--hyperparameters", json.dumps({"epochs": epochs, "batch_size": 4}), "--checkpoint-minutes", "0",
-               "--models-dir", str(tmp_path / "models"), "--checkpoints-dir", str(tmp_path / "ck"),
-               "--experiment", "live-test"]
+    options = flags(store=store, index=index, folds=folds_path, fold_names=[fold], architecture="lab_cnn",
+                    weights="none", hyper=hyperparameters("lab", "lab_cnn", {"epochs": epochs, "batch_size": 4}),
+                    seed=0, models_dir=tmp_path / "models", checkpoints_dir=tmp_path / "ck",
+                    tracking={"uri": None, "experiment": "live-test", "parent_file": None},
+                    **{**JOB, "checkpoint_minutes": 0})
+    command = [sys.executable, "-m", "moaflow", "train", *options]
     return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True), tmp_path / "models" / fold
 
 
@@ -115,7 +117,8 @@ def test_a_training_job_logs_epochs_live_to_a_tracking_server(mlflow_server, sma
     parent_file = tmp_path / "parent.json"
     tracking.start_parent(mlflow_server, "live-test", "abc123", parent_file)
     runs = tracking.track([fold_dir], tmp_path / "runs.json", tracking_uri=mlflow_server, experiment="live-test",
-                          config_hash="abc123", parent_file=parent_file, log_models=False, log=lambda _: None)
+                          config_hash="abc123", summaries=[], figures=[], parent_file=parent_file, log_models=False,
+                          log=lambda _: None)
     assert runs["children"][str(fold_dir)] == run_id
     assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == runs["parent_run_id"]
     assert len(client.get_metric_history(run_id, "loss")) == 8

@@ -279,12 +279,40 @@ def log_study(
     return {"tracking_uri": uri, "experiment_id": exp, "parent_run_id": parent_id, "children": children}
 
 
-def track(run_dirs, output, *, tracking_uri: str | None = None, experiment: str = "moaflow", config_hash: str = "",
-          summaries=(), artifacts=(), parent_file=None, log_models: bool = True, log=stderr) -> dict:
-    """Log the study (`log_study`) with the evaluation summaries as the parent's metrics; write ``output``."""
-    metrics = flatten_metrics({Path(p).parent.parent.name: json.loads(Path(p).read_text()) for p in summaries})
+def track(run_dirs: list[str], output: str | os.PathLike, *, tracking_uri: str | None, experiment: str,
+          config_hash: str, summaries: list[str], figures: list[str], parent_file: str | None, log_models: bool,
+          log=stderr) -> dict:
+    """Log the study to MLflow: a parent run with the summaries' numbers as metrics and the summaries and
+    figures as artifacts, and one child run per trained fold (`log_study`); write ``output`` (the run ids).
+
+    Parameters
+    ----------
+    run_dirs : list of path
+        The trained folds' folders.
+    output : path
+        ``runs.json``: fold folder -> MLflow run id, and the parent's.
+    tracking_uri : str, optional
+        ``$MLFLOW_TRACKING_URI`` wins; else this, else the local SQLite store.
+    experiment : str
+        The MLflow experiment.
+    config_hash : str
+        Tags every run: which configuration produced it.
+    summaries : list of path
+        Evaluation and profiling ``summary.json`` files; a dataset's are merged (they carry its name).
+    figures : list of path
+        Further artifacts of the parent run.
+    parent_file : path, optional
+        The live-logging parent run to complete (with a tracking server).
+    log_models : bool
+        Copy each fold's model file into MLflow.
+    """
+    by_dataset: dict[str, dict] = {}
+    for path in summaries:
+        summary = json.loads(Path(path).read_text())
+        by_dataset.setdefault(summary["dataset"], {}).update(summary)
     runs = log_study(run_dirs, tracking_uri=tracking_uri, experiment=experiment,
                      tags={"git_commit": git_commit(), "config_hash": config_hash}, parent_file=parent_file,
-                     parent_metrics=metrics, parent_artifacts=artifacts, log_models=log_models, log=log)
+                     parent_metrics=flatten_metrics(by_dataset), parent_artifacts=[*summaries, *figures],
+                     log_models=log_models, log=log)
     write_json(runs, output)
     return runs

@@ -1,5 +1,6 @@
 """Evaluation on hand-made predictions with known answers, and conformal coverage."""
 
+import copy
 from importlib import resources
 from pathlib import Path
 
@@ -7,8 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moaflow.analysis import evaluate
-from moaflow import study
+from moaflow import layout
+from moaflow.analysis import conformal, deviations, evaluate
+
+from tests.conftest import DEFAULTS
 
 
 def _crops(rows):
@@ -83,7 +86,7 @@ def _calibrated(n, rng, k=4):
 def test_mondrian_coverage_on_exchangeable_examples(significance):
     rng = np.random.default_rng(1)
     calibration, test = _calibrated(4000, rng), _calibrated(4000, rng)
-    table = evaluate.conformal_table(test, calibration, [significance])
+    table = conformal.conformal_table(test, calibration, [significance])
     for row in table.itertuples():
         # class-conditional validity: coverage >= 1 - significance, up to 3 standard errors from both
         # random samples (test points, and the calibration set the threshold comes from)
@@ -96,7 +99,7 @@ def test_mondrian_coverage_on_exchangeable_examples(significance):
 def test_a_class_without_calibration_is_always_in_the_set():
     calibration = pd.DataFrame({"p_A": [0.9, 0.8], "p_B": [0.1, 0.2], "true": ["A", "A"]})
     test = pd.DataFrame({"p_A": [0.99], "p_B": [0.01], "true": ["A"]})
-    sets = evaluate.conformal_sets(test, evaluate.mondrian_calibration(calibration), 0.1)
+    sets = conformal.conformal_sets(test, conformal.mondrian_calibration(calibration), 0.1)
     assert "B" in sets[0]
 
 
@@ -105,7 +108,7 @@ def test_several_seeds_give_a_seed_variation_row(tmp_path):
     folds = pd.DataFrame({"fold": ["x", "y"]})
     for seed, wrong in ((0, set()), (1, {"y"})):
         for fold in ("x", "y"):
-            base = tmp_path / "models" / "net" / "random" / f"seed-{seed}" / fold
+            base = Path(layout.fold_dir("lab", "net", "random", seed, fold, root=tmp_path))
             base.mkdir(parents=True)
             true = "A" if fold == "x" else "B"
             p_true = 0.2 if fold in wrong else 0.9
@@ -114,8 +117,9 @@ def test_several_seeds_give_a_seed_variation_row(tmp_path):
             crops.assign(crop_id=range(3)).to_parquet(base / "test_predictions.parquet")
             crops.iloc[:0].to_parquet(base / "validation_predictions.parquet")
             pd.DataFrame({"epoch": [1], "test_accuracy": [1.0]}).to_csv(base / "history.tsv", sep="\t", index=False)
-    summary = evaluate.evaluate_bbbc021(tmp_path / "models", folds, ["net"], ["random"], tmp_path / "out", [0.1],
-                                        seeds=[0, 1])
+    evaluation = evaluate.evaluate_runs("lab", folds, [("net", "random")], seeds=[0, 1], significance_levels=[0.1],
+                                        root=tmp_path)
+    summary = evaluate.write_evaluation(evaluation, tmp_path / "out")
     assert summary["accuracy"]["net/random"]["treatment"] == pytest.approx(0.75)   # mean of 1.0 and 0.5
     table = pd.read_csv(tmp_path / "out" / "accuracy.csv")
     row = table.query("architecture == 'net' and level == 'treatment'").iloc[0]
@@ -130,10 +134,10 @@ PUBLISHED = Path(str(resources.files("moaflow") / "data" / "kensert2019_predicti
 
 
 def test_the_authors_predictions_give_the_papers_accuracies_through_moaflow_evaluate(tmp_path):
-    """`moaflow evaluate --predictions` on the authors' xlsx (as CSV): 97.09 / 97.09 / 95.15 % and their errors."""
+    """`moaflow evaluate-predictions` on the authors' xlsx (as CSV): 97.09 / 97.09 / 95.15 % and their errors."""
     from moaflow.cli import main as moaflow
 
-    assert moaflow(["evaluate", "bbbc021", "--predictions", str(PUBLISHED), "--out-dir", str(tmp_path)]) == 0
+    assert moaflow(["evaluate-predictions", "--predictions", str(PUBLISHED), "--out-dir", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "accuracy.csv").query("level == 'treatment'").set_index("architecture")
     assert table["n"].tolist() == [103, 103, 103]
     assert table["accuracy_percent"].round(2).to_dict() == {"inception_resnet_v2": 95.15, "inception_v3": 97.09,
@@ -153,26 +157,21 @@ def test_the_authors_predictions_give_the_papers_accuracies_through_moaflow_eval
 # ----------------------------------------------------------------- deviations
 
 def test_deviations_follow_the_preset_and_settings():
+    """The defaults are the paper's column: a run with them differs in nothing; changed settings show, each
+    architecture's own value where they differ."""
     folds = pd.DataFrame({"fold": [f"c{i}" for i in range(38)], "validation_groups": [""] * 38,
                           "excluded_batches": [""] * 38})
-    receipt = {"source": "https://data.broadinstitute.org/bbbc/BBBC021/BBBC021_v1_image.csv",
-               "checks": ["size 3,669,969 bytes as published", "SHA256 as published", "csv: 13200 rows"]}
-    settings = {"preprocess": {"illumination": {"apply": False}, "normalisation": "study", "crop_grid": [2, 2],
-                               "empty_fraction": 0.002, "empty_threshold": 50.0},
-                "training": {"architectures": ["resnet50", "inception_v3", "inception_resnet_v2"],
-                             "initialisations": [{"name": "imagenet", "weights": "imagenet"},
-                                                 {"name": "random", "weights": "none"}],
-                             "bbbc021": {"preset": "final", "hyperparameters": {},
-                                         "input_sizes": {"resnet50": 224, "inception_v3": 299,
-                                                         "inception_resnet_v2": 299}}}}
-    paper = study.paper_settings()
-    same = evaluate.deviations(study.run_settings(settings, folds, receipt), paper).set_index("setting")
+    paper = deviations.describe(deviations.settings_of(DEFAULTS), folds, deviations.PUBLISHED_DATA)
+    same = deviations.deviations(deviations.describe(deviations.settings_of(DEFAULTS), folds,
+                                                     deviations.PUBLISHED_DATA), paper).set_index("setting")
     assert not same["differs"].any(), same[same["differs"]]
-    settings["training"]["bbbc021"]["preset"] = "published"
-    settings["preprocess"]["illumination"]["apply"] = True
-    settings["training"]["bbbc021"]["hyperparameters"] = {"precision": "mixed_bfloat16"}
-    table = evaluate.deviations(study.run_settings(settings, folds, {"source": "local copy", "checks": []}),
-                                paper).set_index("setting")
+    assert same.loc["empty-crop rule", "paper"] == "at most 0.002 of values above 50"
+    changed = copy.deepcopy(DEFAULTS)
+    changed["training"]["bbbc021"]["preset"] = "published"
+    changed["preprocess"]["bbbc021"]["illumination"]["apply"] = True
+    changed["training"]["bbbc021"]["hyperparameters"] = {"precision": "mixed_bfloat16"}
+    table = deviations.deviations(deviations.describe(deviations.settings_of(changed), folds,
+                                                      deviations.data_description(None)), paper).set_index("setting")
     differs = set(table.index[table["differs"]])
     assert {"epochs", "batch_size", "learning_rate", "precision", "illumination correction", "data"} == differs
     assert table.loc["epochs", "this run"] == "resnet50 5, inception_v3 7, inception_resnet_v2 5"
@@ -205,7 +204,7 @@ def test_cross_conformal_coverage_holds_for_new_compounds(level):
     is 1 - significance within the sampling error of compounds (the unit that is exchangeable)."""
     rng = np.random.default_rng(3)
     held_out = _grouped(rng, n_compounds=240, crops=6)
-    table = evaluate.cross_conformal(held_out, [0.1, 0.2], level).query("`class` == 'all'")
+    table = conformal.cross_conformal(held_out, [0.1, 0.2], level).query("`class` == 'all'")
     for row in table.itertuples():
         tolerance = 3 * np.sqrt(row.significance * (1 - row.significance) / 240) + 0.02
         assert abs(row.coverage - (1 - row.significance)) <= tolerance, row

@@ -4,10 +4,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moaflow.learn import folds
-from moaflow.analysis import profiling
+from pathlib import Path
 
-from tests.conftest import build_crop_store
+from moaflow import layout
+from moaflow.analysis import profiling
+from moaflow.learn import folds
+
+from tests.conftest import JOB, build_crop_store, flags
 
 
 def _profiles(rows):
@@ -63,16 +66,16 @@ def test_profiles_average_wells_then_treatments():
     crops = pd.DataFrame({"compound": ["x"] * 4, "concentration": [1.0] * 4, "moa": ["A"] * 4,
                           "batch": ["W1"] * 4, "plate": ["p1", "p1", "p1", "p2"], "well": ["B02"] * 4,
                           "f_0": [0.0, 0.0, 3.0, 10.0]})
-    profile = profiling.treatment_profiles(crops)
+    profile = profiling.treatment_profiles(crops, statistic="mean")
     assert profile["f_0"].item() == pytest.approx((1.0 + 10.0) / 2)   # wells (1, 10), not crops (3.25)
 
 
 def test_every_query_is_embedded_by_the_fold_that_held_it_out(tmp_path):
     """Checked from the fold assignment: a crop's features come from the model of the fold whose test
     compound it is (recomputed from that fold's saved model), a model that never trained on it."""
-    from moaflow import study
     from moaflow.learn import train
     from moaflow.learn.models import embedding_model, load_model
+    from moaflow.learn.presets import hyperparameters
 
     crops, index_path = build_crop_store(
         tmp_path, [64], controls=True, n_plates=2, sites=1, dmso_wells=2, moas=["Eg5 inhibitors", "DNA damage"],
@@ -82,8 +85,8 @@ def test_every_query_is_embedded_by_the_fold_that_held_it_out(tmp_path):
     folds.write_folds(table, tmp_path / "folds.tsv")
     names = list(table["fold"][:2])
     train.train_job(crops / "64.npy", index_path, tmp_path / "folds.tsv", names, architecture="lab_cnn", weights=None,
-                    hyper=study.hyperparameters("lab", "lab_cnn", {"epochs": 1, "batch_size": 8}), seed=0,
-                    models_dir=tmp_path / "models", checkpoints_dir=tmp_path / "ck", log=lambda _: None)
+                    hyper=hyperparameters("lab", "lab_cnn", {"epochs": 1, "batch_size": 8}), seed=0,
+                    models_dir=tmp_path / "models", checkpoints_dir=tmp_path / "ck", log=lambda _: None, **JOB)
     embedded = profiling.fold_embeddings(tmp_path / "models", table.head(2), log=lambda _: None)
     store = np.load(crops / "64.npy")
     for fold in names:
@@ -129,12 +132,12 @@ def test_dmso_centering_removes_a_plate_effect_that_fools_nsc():
     rng = np.random.default_rng(0)
     dmso = np.concatenate([offsets[p] + rng.normal(0, 0.05, (50, 4)) for p in offsets])
     statistics = profiling.control_statistics(dmso, ["p1"] * 50 + ["p2"] * 50)
-    raw = profiling.treatment_profiles(crops)
+    raw = profiling.treatment_profiles(crops, statistic="mean")
     assert profiling.nearest_neighbour_moa(raw, not_same_batch=False)[0]["correct"].mean() == 0.0
     features = profiling.feature_columns(crops)
-    centred = crops.assign(**dict(zip(features, profiling.normalise_to_controls(
-        crops[features].to_numpy(), crops["plate"], statistics, method="dmso_center").T)))
-    matches, _ = profiling.nearest_neighbour_moa(profiling.treatment_profiles(centred), not_same_batch=False)
+    centred = crops.assign(**dict(zip(features, profiling.center_on_controls(
+        crops[features].to_numpy(), crops["plate"], statistics).T)))
+    matches, _ = profiling.nearest_neighbour_moa(profiling.treatment_profiles(centred, statistic="mean"), not_same_batch=False)
     assert matches["correct"].mean() == 1.0
 
 
@@ -148,11 +151,12 @@ def test_sphering_discounts_what_varies_among_dmso_crops():
                    "p1", batch="W1")
     features = profiling.feature_columns(crops)
     scores = {}
-    for method in ("dmso_center", "dmso_sphere"):
-        normalised = crops.assign(**dict(zip(features, profiling.normalise_to_controls(
-            crops[features].to_numpy(), crops["plate"], statistics, method=method, regularisation=1e-6).T)))
-        matches, _ = profiling.nearest_neighbour_moa(profiling.treatment_profiles(normalised), not_same_batch=False)
-        scores[method] = matches["correct"].mean()
+    for name in ("dmso_center", "dmso_sphere"):
+        method = profiling.FEATURE_NORMALISATIONS[name]
+        normalised = crops.assign(**dict(zip(features, method.controls(
+            crops[features].to_numpy(), crops["plate"], statistics, 1e-6).T)))
+        matches, _ = profiling.nearest_neighbour_moa(profiling.treatment_profiles(normalised, statistic="mean"), not_same_batch=False)
+        scores[name] = matches["correct"].mean()
     assert scores == {"dmso_center": 0.0, "dmso_sphere": 1.0}
 
 
@@ -162,7 +166,7 @@ def test_sphered_controls_have_the_identity_covariance():
     plates = ["p1"] * 250 + ["p2"] * 250
     statistics = profiling.control_statistics(dmso, plates)
     assert np.allclose(statistics["means"][1] - statistics["means"][0], 3.0, atol=0.5)
-    sphered = profiling.normalise_to_controls(dmso, plates, statistics, method="dmso_sphere", regularisation=0)
+    sphered = profiling.sphere_to_controls(dmso, plates, statistics, 0)
     assert np.allclose(sphered.T @ sphered / (500 - 2), np.eye(6), atol=1e-8)   # the plates' offsets gone too
     with pytest.raises(ValueError, match="sphering_regularisation"):
         profiling.sphering_matrix(np.diag([1.0, 0.0]), 0)
@@ -171,7 +175,7 @@ def test_sphered_controls_have_the_identity_covariance():
 def test_a_plate_without_dmso_crops_is_named():
     statistics = profiling.control_statistics(np.ones((3, 2)), ["p1"] * 3)
     with pytest.raises(ValueError, match="plate.*p2"):
-        profiling.normalise_to_controls(np.ones((2, 2)), ["p1", "p2"], statistics, method="dmso_center")
+        profiling.center_on_controls(np.ones((2, 2)), ["p1", "p2"], statistics)
 
 
 def test_each_fold_is_normalised_to_its_own_models_dmso_crops(tmp_path):
@@ -197,25 +201,28 @@ def test_each_fold_is_normalised_to_its_own_models_dmso_crops(tmp_path):
     np.savez(tmp_path / "controls.npz", folds=np.array(["f1", "f2"]), plates=np.array(["p1"]),
              means=np.stack(means), covariance=np.stack(covariances))
     embedded = profiling.fold_embeddings(tmp_path, folds_table, log=lambda _: None)
-    raw = profiling.treatment_profiles(embedded)
+    raw = profiling.treatment_profiles(embedded, statistic="mean")
     assert profiling.nearest_neighbour_moa(raw, not_same_batch=True)[0]["correct"].mean() < 1.0
     statistics = profiling.read_control_statistics(tmp_path / "controls.npz")
-    for method in ("dmso_center", "dmso_sphere"):
-        normalised = profiling._normalised_to_controls(embedded, statistics, method, 0.01)
-        matches, _ = profiling.nearest_neighbour_moa(profiling.treatment_profiles(normalised), not_same_batch=True)
-        assert matches["correct"].mean() == 1.0, method
+    for name in ("dmso_center", "dmso_sphere"):
+        normalised = profiling._normalised_to_controls(embedded, statistics, profiling.FEATURE_NORMALISATIONS[name],
+                                                       0.01, name, log=lambda _: None)
+        matches, _ = profiling.nearest_neighbour_moa(profiling.treatment_profiles(normalised, statistic="mean"),
+                                                     not_same_batch=True)
+        assert matches["correct"].mean() == 1.0, name
 
 
-def test_the_cli_names_what_dmso_normalisation_lacks(tmp_path, capsys):
+def test_the_command_line_names_what_dmso_normalisation_lacks(tmp_path, capsys):
     from moaflow.cli import main as moaflow
 
-    status = moaflow(["profile", "bbbc021", "--models-root", "m", "--folds", "f", "--index", "i", "--store", "a=b",
-                      "--architectures", "a", "--inits", "random", "--normalisation", "dmso_sphere",
-                      "--out-dir", str(tmp_path)])
-    assert status == 1 and "needs --controls --control-index" in capsys.readouterr().err
+    options = dict(dataset="bbbc021", folds="f", index="i", stores={"lab_cnn": "s"}, networks=[["lab_cnn", "random"]],
+                   out_dir=tmp_path, seed=0, statistic="mean", feature_normalisation="dmso_sphere",
+                   sphering_regularisation=0.01, inputs={})
+    assert moaflow(["profile", *flags(**options)]) == 1
+    assert "needs the DMSO statistics of lab_cnn/random (controls) and the DMSO crops' index" in capsys.readouterr().err
     # the DMSO embedding job is a GPU job like training: asked for a GPU and seeing none, it stops at once
-    status = moaflow(["embed-controls", "--models-dir", "m", "--folds", "f", "--index", "i", "--store", "s",
-                      "--gpus", "1", "--output", str(tmp_path / "c.npz")])
+    status = moaflow(["embed-controls", *flags(models_dir="m", folds="f", index="i", store="s", gpus=1,
+                                               allow_cpu=False, output=tmp_path / "c.npz")])
     assert status == 1 and "asked for 1 GPU(s)" in capsys.readouterr().err and not (tmp_path / "c.npz").exists()
 
 
@@ -223,14 +230,15 @@ def test_non_finite_features_are_refused_not_scored(tmp_path):
     from moaflow.files import write_array, write_table
 
     crops = _crops([("a1", "A", 1.0, 0.0), ("b1", "B", 0.0, np.nan)], "p1", batch="W1")
-    (tmp_path / "models" / "m" / "random" / "seed-0" / "f1").mkdir(parents=True)
-    fold_dir = tmp_path / "models" / "m" / "random" / "seed-0" / "f1"
+    fold_dir = Path(layout.fold_dir("bbbc021", "m", "random", 0, "f1", root=tmp_path))
+    fold_dir.mkdir(parents=True)
     write_table(crops.drop(columns=["f_0", "f_1", "fold"]), fold_dir / "test_predictions.parquet")
     write_array(crops[["f_0", "f_1"]].to_numpy(np.float32), fold_dir / "test_embeddings.npy")
     pd.DataFrame({"fold": ["f1"], "test_group": ["a1"], "validation_groups": [""], "group_column": ["compound"],
                   "excluded_batches": [""]}).to_csv(tmp_path / "folds.tsv", sep="\t", index=False)
     write_table(crops.drop(columns=["f_0", "f_1", "fold"]), tmp_path / "index.parquet")
     with pytest.raises(ValueError, match="m/random: 1 of 2 crops have non-finite"):
-        profiling.profile_dataset("bbbc021", tmp_path / "models", tmp_path / "folds.tsv", tmp_path / "index.parquet",
-                                  {}, ["m"], ["random"], tmp_path / "out", log=lambda _: None)
+        profiling.profile_dataset("bbbc021", tmp_path / "folds.tsv", tmp_path / "index.parquet", {}, [["m", "random"]],
+                                  tmp_path / "out", seed=0, statistic="mean", feature_normalisation="none",
+                                  sphering_regularisation=0.01, inputs={}, root=tmp_path, log=lambda _: None)
     assert not (tmp_path / "out" / "summary.json").exists()

@@ -14,11 +14,21 @@ import numpy as np
 import pytest
 import tifffile
 
-from moaflow.datasets import download, images
 from moaflow.cli import main as moaflow
+from moaflow.datasets import download, images
 from moaflow.devtools.serve import StandinServer
 
-from tests.conftest import REFERENCE
+from tests.conftest import DEFAULTS, REFERENCE, flags
+
+
+def _fetch_flags(base_url: str, filename: str, destination) -> list[str]:
+    """`moaflow fetch` of one file from one mirror, with the default download settings."""
+    return flags(filename=filename, destination=destination, base_urls=[base_url], settings=DEFAULTS["download"],
+                 kind="zip")
+
+
+def _extract_flags(archive, image_csv, plate, target) -> list[str]:
+    return flags(archive=archive, target=target, image_csv=image_csv, plate=plate, settings=DEFAULTS["download"])
 
 
 def _random_zip(path: Path, megabytes: float, seed: int = 0) -> Path:
@@ -77,8 +87,8 @@ def test_download_killed_half_way_resumes_byte_identical(www, tmp_path):
     size = (www / "big.zip").stat().st_size
     with StandinServer(www, rate=1_000_000) as slow:  # ~3 s for the whole file
         process = subprocess.Popen(
-            [sys.executable, "-m", "moaflow", "fetch", "--url", slow.url + "big.zip", "--kind", "zip",
-             "--output", str(destination)], stderr=subprocess.DEVNULL)
+            [sys.executable, "-m", "moaflow", "fetch", *_fetch_flags(slow.url, "big.zip", destination)],
+            stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while (not part.exists() or part.stat().st_size < size // 3) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -89,7 +99,7 @@ def test_download_killed_half_way_resumes_byte_identical(www, tmp_path):
     assert not destination.exists(), "an interrupted download must not look finished"
 
     with StandinServer(www) as server:
-        assert moaflow(["fetch", "--url", server.url + "big.zip", "--kind", "zip", "--output", str(destination)]) == 0
+        assert moaflow(["fetch", *_fetch_flags(server.url, "big.zip", destination)]) == 0
         ranges = [r for _, _, r in server.requests if r]
     assert destination.read_bytes() == (www / "big.zip").read_bytes()
     assert ranges and int(ranges[0].split("=")[1].rstrip("-")) >= killed_at  # it resumed, not restarted
@@ -133,7 +143,7 @@ def test_corrupt_zip_is_rejected_and_leaves_nothing(www, tmp_path, capsys):
     (www / "corrupt.zip").write_bytes(bytes(data))
     destination = tmp_path / "corrupt.zip"
     with StandinServer(www) as server:
-        status = moaflow(["fetch", "--url", server.url + "corrupt.zip", "--kind", "zip", "--output", str(destination)])
+        status = moaflow(["fetch", *_fetch_flags(server.url, "corrupt.zip", destination)])
     assert status == 1
     error = capsys.readouterr().err
     assert "corrupt.zip" in error and "CRC" in error
@@ -172,8 +182,7 @@ def test_extract_checks_every_tiff(tmp_path):
     good = {f"{w}_s1_w{c}.tif": _tiff_bytes() for w in ("B02", "B03") for c in (1, 2, 4)}
     archive = _plate_zip(tmp_path / "plate.zip", plate, good)
     target = tmp_path / "images" / plate
-    assert moaflow(["extract-bbbc021", "--archive", str(archive), "--image-csv", str(csv), "--plate", plate,
-                    "--output", str(target)]) == 0
+    assert moaflow(["extract-bbbc021", *_extract_flags(archive, csv, plate, target)]) == 0
     assert sorted(p.name for p in target.iterdir()) == sorted([*good, download.EXTRACT_MANIFEST])
 
 
@@ -184,8 +193,7 @@ def test_truncated_tiff_is_named_and_nothing_is_left(tmp_path, capsys):
     files["B02_s1_w2.tif"] = files["B02_s1_w2.tif"][:300]  # the zip is fine, the TIFF inside is not
     archive = _plate_zip(tmp_path / "plate.zip", plate, files)
     target = tmp_path / "images" / plate
-    status = moaflow(["extract-bbbc021", "--archive", str(archive), "--image-csv", str(csv), "--plate", plate,
-                      "--output", str(target)])
+    status = moaflow(["extract-bbbc021", *_extract_flags(archive, csv, plate, target)])
     assert status == 1
     assert "B02_s1_w2.tif" in capsys.readouterr().err
     assert not target.exists()
@@ -197,8 +205,7 @@ def test_missing_tiff_is_an_error(tmp_path, capsys):
     csv = _image_csv(tmp_path / "image.csv", plate, ["B02", "B03"])
     files = {f"B02_s1_w{c}.tif": _tiff_bytes() for c in (1, 2, 4)}
     archive = _plate_zip(tmp_path / "plate.zip", plate, files)
-    status = moaflow(["extract-bbbc021", "--archive", str(archive), "--image-csv", str(csv), "--plate", plate,
-                      "--output", str(tmp_path / "out")])
+    status = moaflow(["extract-bbbc021", *_extract_flags(archive, csv, plate, tmp_path / "out")])
     assert status == 1
     error = capsys.readouterr().err
     assert "missing" in error and "B03_s1_w" in error

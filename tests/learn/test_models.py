@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from moaflow.learn import models
 from moaflow.devtools import standin
-from moaflow import study
+from moaflow.learn import architectures, inputs, models, presets
 from moaflow.learn.feeder import class_weights
 
 
@@ -24,7 +23,7 @@ def test_missing_weights_file_is_named(tmp_path):
 
 def test_training_never_fetches_weights():
     with pytest.raises(ValueError, match="fetch_weights"):
-        models.resolve_weights("imagenet", "resnet50")
+        architectures.resolve_weights("imagenet", "resnet50")
 
 
 def test_too_small_input_is_refused():
@@ -43,7 +42,7 @@ def test_weights_file_values_are_loaded_exactly(tmp_path):
     model = models.build_model("resnet50", 64, 3, weights=str(path))
     loaded = [layer for layer in model.layers if layer.name.startswith("resnet50")][0].get_weights()
     rng = np.random.default_rng(4)
-    reference = models.backbone("resnet50", 75).weights
+    reference = architectures.body("resnet50", 75).weights
     expected = [(1 + np.abs(values) if "moving_variance" in w.path else values).astype(w.dtype)
                 for w in reference for values in [rng.normal(0, 0.05, w.shape)]]
     assert len(loaded) == len(expected) and all(np.array_equal(a, b) for a, b in zip(loaded, expected))
@@ -61,7 +60,7 @@ def test_uint8_inputs_are_reordered_and_scaled_on_the_device(order, scaling):
 
     front = keras.Model(model.inputs, model.get_layer("input_transform").output)
     got = np.asarray(front.predict(np.pad(x, [(0, 0), (0, 56), (0, 56), (0, 0)]), verbose=0))[:, :8, :8]
-    expected = x.astype(np.float32)[..., models.CHANNEL_ORDERS[order]]
+    expected = x.astype(np.float32)[..., list(inputs.CHANNEL_ORDERS[order])]
     expected = {"raw": expected, "unit": expected / 255, "symmetric": expected / 127.5 - 1,
                 "caffe": expected[..., ::-1] - np.array([103.939, 116.779, 123.68], np.float32)}[scaling]
     assert np.allclose(got, expected, atol=1e-5)
@@ -132,48 +131,46 @@ def test_class_weights_follow_the_study():
 
 
 def test_presets_and_overrides():
-    assert study.hyperparameters("final", "resnet50")["learning_rate"] == 1e-4
-    published = study.hyperparameters("published", "inception_resnet_v2")
+    assert presets.hyperparameters("final", "resnet50")["learning_rate"] == 1e-4
+    published = presets.hyperparameters("published", "inception_resnet_v2")
     assert (published["epochs"], published["batch_size"], published["learning_rate"]) == (5, 32, 1e-3)
-    assert study.hyperparameters("final", "resnet50", {"batch_size": 64})["batch_size"] == 64
+    assert presets.hyperparameters("final", "resnet50", {"batch_size": 64})["batch_size"] == 64
     with pytest.raises(ValueError, match="learning_rte"):
-        study.hyperparameters("final", "resnet50", {"learning_rte": 1})
+        presets.hyperparameters("final", "resnet50", {"learning_rte": 1})
 
 
-def test_weights_defaults_are_keras_published_files():
-    """The config's ImageNet URLs and MD5s are Keras' own (keras.applications' sources)."""
+def test_the_registry_weights_are_keras_published_files():
+    """The registry's ImageNet files and MD5s are Keras' own (keras.applications' sources), under the default
+    base URL of the config."""
     import inspect
 
     import keras.src.applications.inception_resnet_v2 as irv2
     import keras.src.applications.inception_v3 as iv3
     import keras.src.applications.resnet as resnet
-    import yaml
 
-    from tests.conftest import REPO
+    from moaflow.config import defaults
 
-    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    weights = schema["properties"]["weights"]["properties"]
-    base = weights["base_urls"]["default"][0]
+    base = defaults()["weights"]["base_urls"][0]
+    assert base == architectures.KERAS_WEIGHTS_URL
     assert resnet.BASE_WEIGHTS_PATH == base + "resnet/"
-    assert iv3.WEIGHTS_PATH_NO_TOP == base + weights["files"]["default"]["inception_v3"]
+    assert iv3.WEIGHTS_PATH_NO_TOP == base + architectures.get("inception_v3").weights.file
     for architecture, module in (("resnet50", resnet), ("inception_v3", iv3), ("inception_resnet_v2", irv2)):
-        relative = weights["files"]["default"][architecture]
-        md5 = weights["published_files"]["default"][relative]["md5"]
+        weights = architectures.get(architecture).weights
         source = inspect.getsource(module)
-        assert relative.rsplit("/", 1)[1].split("_weights")[0] in source and md5 in source, architecture
+        assert weights.file.rsplit("/", 1)[1].split("_weights")[0] in source and weights.md5 in source, architecture
 
 
 def test_warmup_cosine_schedule_rises_then_decays():
     import keras
 
-    from moaflow.learn import train
+    from moaflow.learn import trainer
 
-    hyper = study.hyperparameters("final", "resnet50", {"schedule": "warmup_cosine", "warmup_epochs": 1,
-                                                         "epochs": 4, "learning_rate": 0.1})
-    optimizer = train._optimizer(hyper, steps_per_epoch=10)
+    hyper = presets.hyperparameters("final", "resnet50", {"schedule": "warmup_cosine", "warmup_epochs": 1,
+                                                           "epochs": 4, "learning_rate": 0.1})
+    optimizer = trainer.optimizer(hyper, steps_per_epoch=10)
     schedule = optimizer.learning_rate if callable(optimizer.learning_rate) else optimizer._learning_rate
     rates = [float(keras.ops.convert_to_numpy(schedule(step))) for step in (0, 5, 10, 25, 39)]
     assert rates[0] < rates[1] < rates[2] == pytest.approx(0.1)     # linear warm-up to the peak
     assert rates[2] > rates[3] > rates[4]                           # then cosine decay
     with pytest.raises(ValueError, match="schedule"):
-        train._optimizer({**hyper, "schedule": "steps"}, 10)
+        trainer.optimizer({**hyper, "schedule": "steps"}, 10)

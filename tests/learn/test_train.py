@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 
 from moaflow.learn import folds, train
-from moaflow import study
+from moaflow.learn.devices import DeviceError
+from moaflow.learn.presets import hyperparameters
 
-from tests.conftest import build_crop_store, lab_table, needs_real_cells
+from tests.conftest import JOB, build_crop_store, flags, lab_table, needs_real_cells
 
 QUICK = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "run_eagerly": True}
 
@@ -35,7 +36,7 @@ def _job(store, tmp_path, architecture, size, fold_names, hyper, **kwargs):
     return train.train_job(crops / f"{size}.npy", index_path, folds_path, fold_names, architecture=architecture,
                            weights=None, hyper=hyper, seed=kwargs.pop("seed", 0), models_dir=tmp_path / "models",
                            checkpoints_dir=tmp_path / "ck", dataset="bbbc021", init="random", log=lambda _: None,
-                           **kwargs)
+                           **{**JOB, **kwargs})
 
 
 @pytest.mark.parametrize("architecture, size", [("resnet50", 32), ("inception_v3", 75),
@@ -43,7 +44,7 @@ def _job(store, tmp_path, architecture, size, fold_names, hyper, **kwargs):
 def test_each_architecture_trains_a_short_epoch(store, tmp_path, architecture, size):
     _, _, folds_path, index = store
     fold = folds.read_folds(folds_path).iloc[0]
-    _job(store, tmp_path, architecture, size, [fold["fold"]], study.hyperparameters("final", architecture, QUICK))
+    _job(store, tmp_path, architecture, size, [fold["fold"]], hyperparameters("final", architecture, QUICK))
     out = tmp_path / "models" / fold["fold"]
     history = pd.read_csv(out / "history.tsv", sep="\t")
     assert list(history["epoch"]) == [1]
@@ -62,7 +63,7 @@ def test_each_architecture_trains_a_short_epoch(store, tmp_path, architecture, s
 
 def test_run_json_records_backend_devices_and_precision(store, tmp_path):
     fold = folds.read_folds(store[2]).iloc[0]["fold"]
-    _job(store, tmp_path, "lab_cnn", 64, [fold], study.hyperparameters("lab", "lab_cnn", QUICK))
+    _job(store, tmp_path, "lab_cnn", 64, [fold], hyperparameters("lab", "lab_cnn", QUICK))
     run = json.loads((tmp_path / "models" / fold / "run.json").read_text())
     assert run["backend"] == "tensorflow" and run["keras_version"]
     assert run["devices"] and all({"kind", "name"} <= set(d) for d in run["devices"])
@@ -72,8 +73,8 @@ def test_run_json_records_backend_devices_and_precision(store, tmp_path):
 
 def test_a_gpu_job_without_a_gpu_stops_with_the_install_hint(store, tmp_path):
     fold = folds.read_folds(store[2]).iloc[0]["fold"]
-    hyper = study.hyperparameters("lab", "lab_cnn", QUICK)
-    with pytest.raises(train.DeviceError, match=r"asked for 1 GPU.*sees none.*moaflow\[tensorflow-cuda\].*allow_cpu"):
+    hyper = hyperparameters("lab", "lab_cnn", QUICK)
+    with pytest.raises(DeviceError, match=r"asked for 1 GPU.*sees none.*moaflow\[tensorflow-cuda\].*allow_cpu"):
         _job(store, tmp_path, "lab_cnn", 64, [fold], hyper, gpus=1, allow_cpu=False)
     assert not (tmp_path / "models").exists()
     _job(store, tmp_path, "lab_cnn", 64, [fold], hyper, gpus=1, allow_cpu=True)   # on purpose: allowed
@@ -83,7 +84,7 @@ def test_a_gpu_job_without_a_gpu_stops_with_the_install_hint(store, tmp_path):
 def test_folds_trained_in_one_job_equal_folds_trained_alone(store, tmp_path):
     """Start-up paid once must not change results: a fold's model restarts from the same state."""
     names = list(folds.read_folds(store[2])["fold"][:2])
-    hyper = study.hyperparameters("lab", "lab_cnn", {"epochs": 2, "batch_size": 4, "augmentation": True})
+    hyper = hyperparameters("lab", "lab_cnn", {"epochs": 2, "batch_size": 4, "augmentation": True})
     _job(store, tmp_path / "together", "lab_cnn", 64, names, hyper)
     _job(store, tmp_path / "alone", "lab_cnn", 64, [names[1]], hyper)
     together = pd.read_parquet(tmp_path / "together" / "models" / names[1] / "test_predictions.parquet")
@@ -94,7 +95,7 @@ def test_folds_trained_in_one_job_equal_folds_trained_alone(store, tmp_path):
 
 def test_a_rerun_keeps_finished_folds_and_redoes_changed_ones(store, tmp_path):
     fold = folds.read_folds(store[2]).iloc[0]["fold"]
-    hyper = study.hyperparameters("lab", "lab_cnn", QUICK)
+    hyper = hyperparameters("lab", "lab_cnn", QUICK)
     _job(store, tmp_path, "lab_cnn", 64, [fold], hyper)
     mtime = (tmp_path / "models" / fold / "model.keras").stat().st_mtime_ns
     summary = _job(store, tmp_path, "lab_cnn", 64, [fold], hyper)
@@ -106,7 +107,7 @@ def test_a_rerun_keeps_finished_folds_and_redoes_changed_ones(store, tmp_path):
 def test_the_saved_model_loads_in_plain_keras_without_optimizer_state(store, tmp_path):
     crops, _, folds_path, _ = store
     fold = folds.read_folds(folds_path).iloc[0]["fold"]
-    _job(store, tmp_path, "lab_cnn", 64, [fold], study.hyperparameters("final", "lab_cnn", QUICK))
+    _job(store, tmp_path, "lab_cnn", 64, [fold], hyperparameters("final", "lab_cnn", QUICK))
     path = tmp_path / "models" / fold / "model.keras"
     script = ("import sys, numpy as np, keras; m = keras.models.load_model(sys.argv[1]); "
               "x = np.load(sys.argv[2], mmap_mode='r')[:3]; print(getattr(m, 'optimizer', None) is None, m.input.dtype); "
@@ -123,18 +124,19 @@ def test_the_saved_model_loads_in_plain_keras_without_optimizer_state(store, tmp
     assert path.stat().st_size < 1.3 * 4 * weights      # weights only, no optimizer slots
 
 
-def _train_command(store, tmp_path, epochs):
+def _train_command(store, tmp_path, **hyper):
+    """``moaflow train`` of the second fold (the lab CNN, 64 px), checkpointing after every epoch."""
     crops, index_path, folds_path, _ = store
-    hyper = json.dumps({"epochs": epochs, "batch_size": 2, "run_eagerly": True})
-    return [sys.executable, "-m", "moaflow", "train", "--store", str(crops / "64.npy"), "--index", str(index_path),
-            "--folds", str(folds_path), "--fold", folds.read_folds(folds_path).iloc[1]["fold"],
-            "--architecture", "lab_cnn", "--preset", "lab", "--hyperparameters", hyper, "--checkpoint-minutes", "0",
-            "--models-dir", str(tmp_path / "models"), "--checkpoints-dir", str(tmp_path / "ck")]
+    fold = folds.read_folds(folds_path).iloc[1]["fold"]
+    options = flags(store=crops / "64.npy", index=index_path, folds=folds_path, fold_names=[fold],
+                    architecture="lab_cnn", weights="none", hyper=hyperparameters("lab", "lab_cnn", hyper), seed=0,
+                    models_dir=tmp_path / "models", checkpoints_dir=tmp_path / "ck",
+                    **{**JOB, "checkpoint_minutes": 0})
+    return [sys.executable, "-m", "moaflow", "train", *options], fold
 
 
 def test_killed_after_epoch_one_resumes_with_the_full_history(store, tmp_path):
-    command = _train_command(store, tmp_path, epochs=4)
-    fold = command[command.index("--fold") + 1]
+    command, fold = _train_command(store, tmp_path, epochs=4, batch_size=2, run_eagerly=True)
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     state = tmp_path / "ck" / fold / "state.json"
     deadline = time.monotonic() + 180
@@ -157,7 +159,7 @@ def test_killed_after_epoch_one_resumes_with_the_full_history(store, tmp_path):
 
 def test_same_seed_same_first_epoch_loss(store, tmp_path):
     fold = folds.read_folds(store[2]).iloc[0]["fold"]
-    hyper = study.hyperparameters("lab", "lab_cnn", {"epochs": 1, "batch_size": 8})
+    hyper = hyperparameters("lab", "lab_cnn", {"epochs": 1, "batch_size": 8})
 
     def loss(seed, name):
         _job(store, tmp_path / name, "lab_cnn", 64, [fold], hyper, seed=seed)
@@ -170,7 +172,7 @@ def test_same_seed_same_first_epoch_loss(store, tmp_path):
 
 def test_model_selection_best_validation_restores_the_best_epoch(store, tmp_path):
     fold = folds.read_folds(store[2]).iloc[0]["fold"]
-    hyper = study.hyperparameters("lab", "lab_cnn", {"epochs": 4, "batch_size": 4, "model_selection": "best_validation"})
+    hyper = hyperparameters("lab", "lab_cnn", {"epochs": 4, "batch_size": 4, "model_selection": "best_validation"})
     _job(store, tmp_path, "lab_cnn", 64, [fold], hyper)
     out = tmp_path / "models" / fold
     history = pd.read_csv(out / "history.tsv", sep="\t")
@@ -184,16 +186,16 @@ def test_model_selection_best_validation_restores_the_best_epoch(store, tmp_path
 def test_model_selection_needs_validation_compounds(store, tmp_path):
     crops, index_path, _, index = store
     folds.write_folds(folds.leave_one_compound_out(index), tmp_path / "plain.tsv")
-    hyper = study.hyperparameters("lab", "lab_cnn", {**QUICK, "model_selection": "best_validation"})
+    hyper = hyperparameters("lab", "lab_cnn", {**QUICK, "model_selection": "best_validation"})
     with pytest.raises(ValueError, match="best_validation needs validation compounds"):
         train.train_job(crops / "64.npy", index_path, tmp_path / "plain.tsv", [folds.slug(index["compound"][0])],
                         architecture="lab_cnn", weights=None, hyper=hyper, seed=0, models_dir=tmp_path / "m",
-                        checkpoints_dir=tmp_path / "c", log=lambda _: None)
+                        checkpoints_dir=tmp_path / "c", log=lambda _: None, **JOB)
 
 
 def test_model_selection_mean_last_averages_predictions(store, tmp_path):
     fold = folds.read_folds(store[2]).iloc[0]["fold"]
-    hyper = study.hyperparameters("lab", "lab_cnn", {"epochs": 3, "batch_size": 4, "model_selection": "mean_last",
+    hyper = hyperparameters("lab", "lab_cnn", {"epochs": 3, "batch_size": 4, "model_selection": "mean_last",
                                                      "selection_epochs": 2})
     _job(store, tmp_path, "lab_cnn", 64, [fold], hyper)
     run = json.loads((tmp_path / "models" / fold / "run.json").read_text())
@@ -203,11 +205,9 @@ def test_model_selection_mean_last_averages_predictions(store, tmp_path):
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_other_keras_backends_train_a_fold(store, tmp_path, backend):
     """The multi-backend claim: the same training code runs without TensorFlow's backend."""
-    command = _train_command(store, tmp_path, epochs=1)
-    command[command.index("--hyperparameters") + 1] = json.dumps({"epochs": 1, "batch_size": 4})
+    command, fold = _train_command(store, tmp_path, epochs=1, batch_size=4)
     result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, KERAS_BACKEND=backend))
     assert result.returncode == 0, result.stderr[-3000:]
-    fold = command[command.index("--fold") + 1]
     run = json.loads((tmp_path / "models" / fold / "run.json").read_text())
     assert run["backend"] == backend and run["test_accuracy"] is not None
 
@@ -223,10 +223,10 @@ def test_held_out_compounds_are_classified_well_above_chance(tmp_path):
     index = pd.read_parquet(index_path)
     folds.write_folds(folds.leave_one_compound_out(index), tmp_path / "folds.tsv")
     names = [folds.slug(c) for c in index.groupby("moa")["compound"].max()]
-    hyper = study.hyperparameters("lab", "lab_cnn", {"epochs": 15, "batch_size": 16})
+    hyper = hyperparameters("lab", "lab_cnn", {"epochs": 15, "batch_size": 16})
     summary = train.train_job(crops / "64.npy", index_path, tmp_path / "folds.tsv", names, architecture="lab_cnn",
                               weights=None, hyper=hyper, seed=0, models_dir=tmp_path / "models",
-                              checkpoints_dir=tmp_path / "ck", log=lambda _: None)
+                              checkpoints_dir=tmp_path / "ck", log=lambda _: None, **JOB)
     accuracies = [summary["folds"][n]["test_accuracy"] for n in names]
     assert np.mean(accuracies) >= 0.5, accuracies
 
@@ -244,30 +244,32 @@ def test_real_cells_held_out_compounds_are_classified_above_chance(tmp_path):
     arrays, index = preprocess_crops(lab_table(), sizes=[64])
     write_array(arrays[64], tmp_path / "64.npy")
     write_table(index, tmp_path / "index.parquet")
-    folds.write_folds(folds.dataset_folds(index, variant="loco"), tmp_path / "folds.tsv")
+    folds.write_folds(folds.dataset_folds(index, variant="loco", validation_compounds=0, seed=0, fraction=0.25),
+                      tmp_path / "folds.tsv")
     names = ["az-a", "az-c", "simvastatin"]
-    hyper = study.hyperparameters("lab", "lab_cnn", {"epochs": 20, "augmentation": True, "class_weights": True,
+    hyper = hyperparameters("lab", "lab_cnn", {"epochs": 20, "augmentation": True, "class_weights": True,
                                                      "model_selection": "mean_last", "selection_epochs": 5})
     summary = train.train_job(tmp_path / "64.npy", tmp_path / "index.parquet", tmp_path / "folds.tsv", names,
                               architecture="lab_cnn", weights=None, hyper=hyper, seed=0,
-                              models_dir=tmp_path / "models", checkpoints_dir=tmp_path / "ck", log=lambda _: None)
+                              models_dir=tmp_path / "models", checkpoints_dir=tmp_path / "ck", log=lambda _: None,
+                              **JOB)
     accuracies = [summary["folds"][n]["test_accuracy"] for n in names]
     assert np.mean(accuracies) >= 0.4, accuracies
 
 
 def test_non_finite_predictions_stop_the_fold_by_name(store, tmp_path, monkeypatch):
     """A model giving NaN (diverged, or broken weights) must not pass as wrong answers (argmax of NaN is 0)."""
-    from moaflow.learn import feeder
+    from moaflow.learn import trainer
 
-    real = feeder.predict
+    real = trainer.predict
 
     def with_a_nan(*args, **kwargs):
         values = real(*args, **kwargs).copy()
         values[:1] = np.nan
         return values
 
-    monkeypatch.setattr(feeder, "predict", with_a_nan)
+    monkeypatch.setattr(trainer, "predict", with_a_nan)
     fold = folds.read_folds(store[2]).iloc[0]["fold"]
     with pytest.raises(train.TrainingError, match=f"fold {fold}: 1 of .* not finite"):
-        _job(store, tmp_path, "lab_cnn", 64, [fold], study.hyperparameters("lab", "lab_cnn", QUICK))
+        _job(store, tmp_path, "lab_cnn", 64, [fold], hyperparameters("lab", "lab_cnn", QUICK))
     assert not (tmp_path / "models" / fold / "run.json").exists()

@@ -5,7 +5,7 @@ import pytest
 
 from moaflow.preprocess import intensity, plates
 
-from tests.conftest import direct_study
+from tests.conftest import THRESHOLD, direct_study
 
 
 def test_study_normalisation_equals_the_formulas_exactly(small_plate):
@@ -14,7 +14,7 @@ def test_study_normalisation_equals_the_formulas_exactly(small_plate):
     fields = [plates.read_field(r) for _, r in table[table["is_dmso"]].iterrows()]
     mean, std = intensity.dmso_statistics(fields)
     for _, row in table[~table["is_dmso"]].iterrows():
-        image, above = intensity.study_normalise(plates.read_field(row), mean, std)
+        image, above = intensity.study_normalise(plates.read_field(row), mean, std, None, threshold=THRESHOLD)
         uint8, floats = expected[row["image_number"]]
         assert np.array_equal(np.moveaxis(image, 0, -1), uint8), row["image_number"]
         # the empty-crop flags come from the float image before truncation, as in the original
@@ -32,13 +32,14 @@ def test_flags_differ_from_the_truncated_image_where_the_original_differs():
         if 50 < scaled < 51:
             break
     field[0, 1, 1] = count
-    image, above = intensity.study_normalise(field, mean, std)
+    image, above = intensity.study_normalise(field, mean, std, None, threshold=THRESHOLD)
     stored_dapi = 2   # DAPI (read channel 0) is stored last
     assert image[stored_dapi, 1, 1] == 50 and above[stored_dapi, 1, 1]
 
 
 def test_constant_field_is_zero_and_empty():
-    image, above = intensity.study_normalise(np.full((3, 4, 4), 7, np.uint16), np.zeros(3), np.ones(3))
+    image, above = intensity.study_normalise(np.full((3, 4, 4), 7, np.uint16), np.zeros(3), np.ones(3), None,
+                                             threshold=THRESHOLD)
     assert not image.any() and not above.any()
 
 
@@ -51,16 +52,16 @@ def test_illumination_is_applied_by_division(small_plate):
     mean, std = intensity.dmso_statistics(fields, 2 * flat)
     assert np.allclose(mean, intensity.anscombe(np.stack(fields) / 2).mean(axis=(0, 2, 3)))
     field = plates.read_field(table[~table["is_dmso"]].iloc[0])
-    slow = intensity.study_normalise(field, mean, std, illumination=flat)
-    fast = intensity.study_normalise(field, mean, std)
+    slow = intensity.study_normalise(field, mean, std, flat, threshold=THRESHOLD)
+    fast = intensity.study_normalise(field, mean, std, None, threshold=THRESHOLD)
     assert np.array_equal(slow[0], fast[0]) and np.array_equal(slow[1], fast[1])   # both paths agree
 
 
 def test_percentile_normalisation(small_plate):
     _, table = small_plate
     fields = [plates.read_field(r) for _, r in table[table["is_dmso"]].iterrows()]
-    low, high = intensity.percentile_statistics(fields, (1, 99))
-    image, above = intensity.percentile_normalise(fields[0], low, high)
+    low, high = intensity.percentile_statistics(fields, percentiles=(1, 99))
+    image, above = intensity.percentile_normalise(fields[0], low, high, None, threshold=THRESHOLD)
     assert image.dtype == np.uint8 and image.shape == (3, 64, 80) and above.shape == image.shape
     dapi = image[2]  # stored order is (Actin, Tubulin, DAPI)
     assert 0.005 < np.mean(dapi == 0) < 0.2 and np.mean(dapi == 255) < 0.05

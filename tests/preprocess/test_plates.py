@@ -7,22 +7,22 @@ import pytest
 import tifffile
 from PIL import Image
 
-from moaflow.preprocess import crops, plates
-from moaflow.datasets import download
-from moaflow.devtools import standin
 from moaflow.cli import main as moaflow
-from moaflow.errors import VerificationError
+from moaflow.datasets import download
 from moaflow.datasets.tables import bbbc014_image_table
+from moaflow.devtools import standin
+from moaflow.errors import VerificationError
 from moaflow.files import write_table
+from moaflow.preprocess import crops, plates
 
-from tests.conftest import direct_study, lab_table, needs_real_cells
+from tests.conftest import BBBC014_PREPROCESSING, direct_study, flags, lab_table, needs_real_cells, study
 
 
 def test_plate_crops_equal_the_original_pipeline(small_plate):
     """Every stored crop is the formula image's crop, resized by cv2 INTER_AREA as the original did."""
     _, table = small_plate
     expected = direct_study(table)
-    arrays, index = plates.preprocess_plate(table, sizes=[24, 40], grid=(2, 2), empty_fraction=-1)
+    arrays, index = plates.preprocess_plate(table, sizes=[24, 40], **study(empty_fraction=-1))
     assert arrays[24].shape == (len(index), 24, 24, 3) and len(index) == 4 * (~table["is_dmso"]).sum()
     boxes = crops.crop_boxes((64, 80), (2, 2))
     for k, row in index.iterrows():
@@ -35,10 +35,10 @@ def test_plate_crops_equal_the_original_pipeline(small_plate):
 
 def test_empty_crops_are_dropped_and_index_agrees(small_plate):
     _, table = small_plate
-    arrays, index = plates.preprocess_plate(table, sizes=[16, 24], empty_fraction=0.002)
+    arrays, index = plates.preprocess_plate(table, sizes=[16, 24], **study(empty_fraction=0.002))
     # Stand-in fields are full of cells: raise the bar until some crops count as empty.
-    sparse_arrays, sparse_index = plates.preprocess_plate(table, sizes=[16, 24], empty_threshold=200,
-                                                              empty_fraction=0.01)
+    sparse_arrays, sparse_index = plates.preprocess_plate(table, sizes=[16, 24],
+                                                          **study(empty_threshold=200, empty_fraction=0.01))
     assert len(sparse_index) < len(index)
     for a, i in ((arrays, index), (sparse_arrays, sparse_index)):
         assert len(a[16]) == len(a[24]) == len(i)
@@ -51,7 +51,7 @@ def test_dmso_crops_are_the_plates_controls_normalised_alike(small_plate):
     normalises to them); the treatment crops never include them."""
     _, table = small_plate
     expected = direct_study(table, controls=True)
-    arrays, index = plates.preprocess_plate(table, sizes=[24], controls=True, empty_fraction=-1)
+    arrays, index = plates.preprocess_plate(table, sizes=[24], controls=True, **study(empty_fraction=-1))
     dmso = table[table["is_dmso"]]
     assert len(index) == 4 * len(dmso) and set(index["compound"]) == {"DMSO"}
     assert set(index["source"]) == set(dmso["path_dapi"])
@@ -60,7 +60,7 @@ def test_dmso_crops_are_the_plates_controls_normalised_alike(small_plate):
         rs, cs = boxes[row["crop"]]
         crop = np.ascontiguousarray(expected[row["image_number"]][0][rs, cs])
         assert np.array_equal(arrays[24][k], cv2.resize(crop, (24, 24), interpolation=cv2.INTER_AREA))
-    _, treatments = plates.preprocess_plate(table, sizes=[24], empty_fraction=-1)
+    _, treatments = plates.preprocess_plate(table, sizes=[24], **study(empty_fraction=-1))
     assert not set(treatments["source"]) & set(index["source"])
 
 
@@ -85,9 +85,8 @@ def _damaged_copy(table, tmp_path, column, row_filter, write):
 def test_a_bad_field_stops_the_plate_naming_the_file(small_plate, tmp_path, capsys, name, write, rule):
     _, table = small_plate
     bad = _damaged_copy(table, tmp_path, "path_tubulin", lambda t: t["is_dmso"], write)
-    status = moaflow(["preprocess-plate", "--table", str(tmp_path / "images.parquet"),
-                      "--plate", table["plate"].iloc[0], "--sizes", "16",
-                      "--output-prefix", str(tmp_path / "crops" / "p")])
+    status = moaflow(["preprocess-plate", *flags(table=tmp_path / "images.parquet", plate=table["plate"].iloc[0],
+                                                 sizes=[16], output_prefix=tmp_path / "crops" / "p", **study())])
     error = capsys.readouterr().err
     assert status == 1, name
     assert bad.name in error and rule in error, error
@@ -98,9 +97,8 @@ def test_a_bad_field_stops_the_plate_naming_the_file(small_plate, tmp_path, caps
 def test_a_grid_too_fine_is_an_error_before_any_work(small_plate, tmp_path, capsys):
     _, table = small_plate
     write_table(table, tmp_path / "images.parquet")
-    status = moaflow(["preprocess-plate", "--table", str(tmp_path / "images.parquet"), "--plate",
-                      table["plate"].iloc[0], "--sizes", "16", "--grid", "200", "200",
-                      "--output-prefix", str(tmp_path / "p")])
+    status = moaflow(["preprocess-plate", *flags(table=tmp_path / "images.parquet", plate=table["plate"].iloc[0],
+                                                 sizes=[16], output_prefix=tmp_path / "p", **study(grid=(200, 200)))])
     error = capsys.readouterr().err
     assert status == 1 and "crop_grid" in error and "64x80" in error and "Traceback" not in error
 
@@ -138,7 +136,7 @@ def _original_bbbc014(dapi, fitc, grid_side):
 
 
 def test_bbbc014_crops_follow_the_original_per_crop_scaling(wells):
-    arrays, index = plates.preprocess_bbbc014(wells, sizes=[24], grid=(4, 4))
+    arrays, index = plates.preprocess_bbbc014(wells, sizes=[24], **BBBC014_PREPROCESSING)
     labelled = wells[wells["label"] >= 0]
     assert arrays[24].shape == (len(labelled) * 16, 24, 24, 3) and len(index) == len(arrays[24])
     assert arrays[24][..., 0].max() == 0                   # RGB = (zeros, DAPI, FITC)
@@ -152,7 +150,7 @@ def test_bbbc014_crops_follow_the_original_per_crop_scaling(wells):
 
 
 def test_bbbc014_per_well_scaling_is_a_switch(wells):
-    per_crop, _ = plates.preprocess_bbbc014(wells.head(8), sizes=[24], grid=(4, 4))
+    per_crop, _ = plates.preprocess_bbbc014(wells.head(8), sizes=[24], **BBBC014_PREPROCESSING)
     per_well, _ = plates.preprocess_bbbc014(wells.head(8), sizes=[24], grid=(4, 4), minmax="well")
     labelled = int((wells.head(8)["label"] >= 0).sum())
     crops_max = per_crop[24].reshape(labelled * 16, -1, 3)[..., 1:].max(axis=(1, 2))
@@ -161,7 +159,7 @@ def test_bbbc014_per_well_scaling_is_a_switch(wells):
     well_max = per_well[24].reshape(labelled, -1, 3)[..., 1:].max(axis=(1, 2))
     assert (well_max >= 250).all()                          # each well spans 0..255
     with pytest.raises(ValueError, match="minmax"):
-        plates.preprocess_bbbc014(wells.head(8), sizes=[24], minmax="plate")
+        plates.preprocess_bbbc014(wells.head(8), sizes=[24], grid=(4, 4), minmax="plate")
 
 
 def test_bbbc014_real_size_geometry(tmp_path):
@@ -173,7 +171,7 @@ def test_bbbc014_real_size_geometry(tmp_path):
         Image.fromarray(rng.integers(0, 255, (1024, 1360), dtype=np.uint8)).save(paths[name])
     wells = pd.DataFrame([{"well": "A01", "row": "A", "column": 1, "cell_line": "MCF7", "label": 1,
                            "path_dapi": str(paths["dapi"]), "path_fitc": str(paths["fitc"])}])
-    arrays, index = plates.preprocess_bbbc014(wells, sizes=[256], grid=(4, 4))
+    arrays, index = plates.preprocess_bbbc014(wells, sizes=[256], **BBBC014_PREPROCESSING)
     expected = _original_bbbc014(*(np.asarray(Image.open(paths[n]).convert("L")) for n in ("dapi", "fitc")), 4)
     assert arrays[256].shape == (16, 256, 256, 3)
     for k in range(16):
@@ -186,7 +184,7 @@ def test_bbbc014_mismatched_channels_are_named(wells, tmp_path):
     Image.fromarray(np.zeros((10, 12), np.uint8)).save(small)
     row["path_fitc"] = str(small)
     with pytest.raises(VerificationError, match="small.bmp"):
-        plates.preprocess_bbbc014(row, sizes=[8])
+        plates.preprocess_bbbc014(row, sizes=[8], **BBBC014_PREPROCESSING)
 
 
 @needs_real_cells

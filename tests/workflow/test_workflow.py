@@ -14,8 +14,9 @@ import yaml
 
 from moaflow.devtools import standin
 from moaflow.devtools.serve import StandinServer
+from moaflow.learn import architectures
 
-from tests.conftest import BIN, LAB_SUBSET, REPO, TINY_BBBC021, needs_real_cells, pipeline_config, run_snakemake
+from tests.conftest import BIN, DEFAULTS, LAB_SUBSET, REPO, TINY_BBBC021, needs_real_cells, pipeline_config, run_snakemake
 
 
 def test_lint_has_no_findings():
@@ -23,6 +24,39 @@ def test_lint_has_no_findings():
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Lints for" not in result.stdout + result.stderr
+
+
+def test_workflow_files_are_formatted_as_the_catalog_expects():
+    result = subprocess.run([str(BIN / "snakefmt"), "--check", str(REPO / "Snakefile"), str(REPO / "workflow")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_environments_snakemake_runs_steps_without_activation(tmp_path, server, standin_dir):
+    """`.venv/bin/snakemake` with nothing of the environment on PATH: every step runs with the Python beside
+    that Snakemake (the rules name no executable)."""
+    config = pipeline_config(server.url, standin_dir, tmp_path)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    bare = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    bare["PATH"] = "/usr/bin:/bin"
+    result = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+                             "--configfile", str(tmp_path / "config.yaml"), "--cores", "2",
+                             "--until", "bbbc021_image_table"], cwd=tmp_path, env=bare, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "results" / "bbbc021" / "images.parquet").is_file()
+
+
+def test_a_snakemake_without_moaflow_says_what_to_activate(tmp_path):
+    """A Snakemake whose Python cannot import moaflow stops at once, saying which environment to use."""
+    pythonpath = tmp_path / "hide"
+    (pythonpath / "moaflow").mkdir(parents=True)
+    (pythonpath / "moaflow" / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    result = subprocess.run([str(BIN / "snakemake"), "-n", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+                             "--configfile", str(REPO / "config" / "config.yaml")], cwd=tmp_path, capture_output=True,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(pythonpath)))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "moaflow cannot be imported by this Snakemake's Python" in output
+    assert ".venv/bin/snakemake" in output
 
 
 def test_demo_serves_on_loopback_and_stops(demo):
@@ -181,7 +215,7 @@ def test_config_values_never_reach_a_shell(tmp_path, server, standin_dir):
     refused = run_snakemake(tmp_path, evil_url, "-n", check=False)
     assert refused.returncode != 0 and "base_urls" in refused.stdout + refused.stderr
     marker = tmp_path / "pwned2"
-    real = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["bbbc014"]["filename_regex"]
+    real = DEFAULTS["bbbc014"]["filename_regex"]
     config["bbbc014"]["filename_regex"] = real + f"(?:'$(touch {marker})')?"   # still matches every file name
     run_snakemake(tmp_path, config, "--until", "bbbc014_image_table")
     assert not marker.exists() and not (tmp_path / "pwned").exists()
@@ -190,14 +224,14 @@ def test_config_values_never_reach_a_shell(tmp_path, server, standin_dir):
 
 def test_imagenet_weights_are_fetched_once_and_training_only_reads_them(tmp_path, server, standin_dir):
     """fetch_weights downloads each architecture's notop file once (hash-checked); the training job reads it."""
-    files = {"resnet50": "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"}
+    files = {"resnet50": architectures.get("resnet50").weights.file}
     digests = standin.write_weights(tmp_path / "wsrc", files, seed=3, log=lambda _: None)
     config = pipeline_config(server.url, standin_dir, tmp_path)
     config["datasets"] = ["bbbc021"]
     config["training"]["initialisations"] = [{"name": "imagenet", "weights": "imagenet"}]
     target = "results/bbbc021/models/resnet50/imagenet/seed-0/jobs/part-01-of-01.json"
     with StandinServer(tmp_path / "wsrc" / "www") as weights_server:
-        config["weights"] = {"base_urls": [weights_server.url + "weights/"], "files": files,
+        config["weights"] = {"base_urls": [weights_server.url + "weights/"],
                              "published_files": {files["resnet50"]: {"md5": "0" * 32}}}
         wrong = run_snakemake(tmp_path, config, "--until", "fetch_weights", check=False)
         assert wrong.returncode != 0
@@ -205,7 +239,7 @@ def test_imagenet_weights_are_fetched_once_and_training_only_reads_them(tmp_path
         config["weights"]["published_files"] = {files["resnet50"]: {"md5": digests[files["resnet50"]]}}
         result = run_snakemake(tmp_path, config, target)
         # The untrained ImageNet features as a profiling source, normalised to DMSO like the trained ones.
-        config["profiling"].update(imagenet_features=True, normalisation="dmso_sphere")
+        config["profiling"].update(imagenet_features=True, feature_normalisation="dmso_sphere")
         run_snakemake(tmp_path, config, "results/bbbc021/profiling/summary.json")
         gets = [p for method, p, _ in weights_server.requests if method == "GET" and p.endswith(".h5")]
     assert "localrule fetch_weights" in result.stdout + result.stderr
@@ -298,21 +332,18 @@ def test_the_lab_subset_config_dry_runs(tmp_path):
     assert alone.returncode != 0 and "no 'bbbc021' section" in message and "config/config.yaml" in message
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
-    result = run_snakemake(tmp_path, config, "-n", "-p")
-    assert "--channels Actin,Tubulin,DAPI" in result.stdout                 # the figure names the config's channels
-    config["crops"]["lab_subset"]["channels"] = ["membrane", "tubulin", "nuclei"]
-    renamed = run_snakemake(tmp_path, config, "-n", "-p")
-    assert "--channels membrane,tubulin,nuclei" in renamed.stdout
+    result = run_snakemake(tmp_path, config, "-n")
     seeds = config["training"]["seeds"]
     assert len(seeds) == 3
     assert re.search(rf"^train\s+{len(seeds)}$", result.stdout, re.MULTILINE), result.stdout[-3000:]
     for rule in ("evaluate_lab_subset", "profile_lab_subset", "track_mlflow"):
         assert re.search(rf"^{rule}\s+1$", result.stdout, re.MULTILINE), (rule, result.stdout[-3000:])
     assert "embed_controls" not in result.stdout          # no DMSO crops here: profiles are not normalised to them
-    config["profiling"]["normalisation"] = "dmso_sphere"
+    config["profiling"]["feature_normalisation"] = "dmso_sphere"
     refused = run_snakemake(tmp_path, config, "-n", check=False)
     assert refused.returncode != 0
-    assert "profiling.normalisation" in refused.stdout and "'lab_subset' has none" in refused.stdout
+    message = refused.stdout + refused.stderr
+    assert "profiling.feature_normalisation" in message and "'lab_subset' has none" in message
 
 
 @needs_real_cells

@@ -1,105 +1,72 @@
+# The configuration, validated once (moaflow.config: schema, registries, cross-checks), and the path and
+# input helpers the rules share. Every path comes from moaflow.layout; every rule runs one step of
+# moaflow.steps through workflow/scripts/step.py, its named inputs, outputs and params being the step
+# function's keyword arguments.
 import csv
 import functools
 import hashlib
 import json
 import os
-import shlex
+import sys
 from importlib import resources
 
-from snakemake.utils import min_version, validate
-
-from moaflow.learn.folds import dataset_folds
-from moaflow.datasets.tables import crops_table
-from moaflow.analysis.profiling import CONTROL_NORMALISATIONS
-from moaflow.study import (
-    BBBC021_CHANNELS,
-    BBBC021_STORED_ORDER,
-    architecture_settings,
-    hyperparameter_schema_path,
-    resolve_plates,
-)
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
 
 min_version("9.0")
 
-# Fills in schema defaults, and stops with the offending key named on a wrong type or unknown key.
-validate(config, schema="../schemas/config.schema.yaml")
-# The shipped config/config.yaml is the base that --configfile files are layered on; the rules read its
-# dataset sections even when a run trains only on a crops dataset.
-for _section in ("bbbc021", "bbbc014"):
-    if _section not in config:
-        raise ValueError(
-            f"config: no {_section!r} section. The Snakefile reads config/config.yaml from the working directory "
-            f"({os.getcwd()}) and layers --configfile files on top; copy moaflow's config/config.yaml there "
-            "(README: 'From scratch space')")
-# Hyper-parameter overrides against their one source, moaflow's own schema (no defaults filled: the preset decides).
-for _dataset in ("bbbc021", "bbbc014"):
-    if _dataset in config["training"]:
-        _section = config["training"][_dataset]
-        for _overrides in [_section["hyperparameters"]] + [
-            v.get("hyperparameters", {}) for v in _section["per_architecture"].values()
-        ]:
-            validate(_overrides, hyperparameter_schema_path(), set_default=False)
+try:
+    from moaflow import config as moaflow_config, layout
+    from moaflow.learn import architectures as architecture_registry, presets
+    from moaflow.study import BBBC021_CHANNELS, BBBC021_STORED_ORDER, resolve_plates
+except ImportError as error:
+    raise WorkflowError(
+        f"moaflow cannot be imported by this Snakemake's Python ({sys.executable}): {error}. Run the "
+        "Snakemake of the environment moaflow is installed in: `.venv/bin/snakemake ...`, or "
+        "`source .venv/bin/activate` first (README: 'The two commands')."
+    ) from None
 
+
+moaflow_config.validate(config)
 DATASETS = config["datasets"]
-# Pre-cropped image sets (config `crops:`) that this run trains on.
-CROPS = {name: spec for name, spec in config["crops"].items() if name in DATASETS}
-for _name in DATASETS:
-    if _name not in ("bbbc021", "bbbc014") and _name not in config["crops"]:
-        raise ValueError(f"datasets: {_name!r} is neither bbbc021, bbbc014 nor a key of the config's crops section")
-    for _section in ("training", "preprocess"):
-        if _name in CROPS and _name not in config[_section]:
-            raise ValueError(f"{_section}.{_name}: missing; a crops dataset needs its own {_section} section")
-# Datasets classified by mechanism of action (evaluated alike); BBBC014 is a translocation yes/no.
-MOA_DATASETS = [d for d in DATASETS if d != "bbbc014"]
-
-
-def normalises_to_controls():
-    """profiling.normalisation dmso_*: profiles normalised to each plate's DMSO crops."""
-    return config["profiling"]["enabled"] and config["profiling"]["normalisation"] in CONTROL_NORMALISATIONS
-
-
-# Normalising profiles to DMSO needs DMSO crops, which only BBBC021's plates have (crops sets hold treatments).
-if normalises_to_controls():
-    for _name in MOA_DATASETS:
-        if _name in CROPS:
-            raise ValueError(
-                f"profiling.normalisation: {config['profiling']['normalisation']!r} normalises profiles to each "
-                f"plate's DMSO crops, and the crops dataset {_name!r} has none; set profiling.normalisation to "
-                "none or standardize for it")
+CROPS = moaflow_config.crops_datasets(config)
+MOA_DATASETS = moaflow_config.moa_datasets(config)
+TRAIN = config["training"]
+INITS = {i["name"]: i["weights"] for i in TRAIN["initialisations"]}
+PROFILING = config["profiling"]
 # Tags every MLflow run: which configuration produced it.
-CONFIG_HASH = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
-BBBC021_PLATES = resolve_plates(config["bbbc021"]["plates"]) if "bbbc021" in DATASETS else []
-BBBC021_IMAGE_CSV = f"results/bbbc021/raw/{config['bbbc021']['image_csv']}"
-BBBC021_MOA_CSV = f"results/bbbc021/raw/{config['bbbc021']['moa_csv']}"
-# The bbbc014 settings that decide the well table (mirrors and file names do not).
-BBBC014_TABLE_KEYS = ["filename_regex", "dapi_channel", "cell_lines", "positive_columns", "negative_columns"]
+CONFIG_HASH = hashlib.sha256(
+    json.dumps(config, sort_keys=True, default=str).encode()
+).hexdigest()[:12]
+BBBC021_PLATES = (
+    resolve_plates(config["bbbc021"]["plates"]) if "bbbc021" in DATASETS else []
+)
+BBBC021_IMAGE_CSV = layout.raw("bbbc021", config["bbbc021"]["image_csv"])
+BBBC021_MOA_CSV = layout.raw("bbbc021", config["bbbc021"]["moa_csv"])
+# The paper's settings, for the deviations table: the defaults (they reproduce the study).
+DEFAULTS = moaflow_config.defaults()
+receipt = layout.receipt
+STEP = "../scripts/step.py"
+# Outside a rule a line may not start with `report(` (the parser takes it for the directive).
+report_file = report
+
 
 wildcard_constraints:
     plate=r"Week[0-9]+_[0-9]+",
-
-
-# The authors' own treatment-level predictions (pharmbio/kensert_CNN, MIT), shipped with moaflow.
-PUBLISHED_PREDICTIONS = shlex.quote(str(resources.files("moaflow") / "data" / "kensert2019_predictions.csv"))
-PUBLISHED_ARCHITECTURES = ["resnet50", "inception_v3", "inception_resnet_v2"]
-
-
-def verified(path):
-    """The receipt a download or extraction step writes beside its data (its declared output)."""
-    return f"{path}.verified.json"
-
-
-def data_of(receipt):
-    """The data a receipt describes: `verified`'s inverse."""
-    return str(receipt).removesuffix(".verified.json")
-
-
-TRAIN = config["training"]
-INITS = {i["name"]: i["weights"] for i in TRAIN["initialisations"]}
+    chunk=r"part-[0-9]+-of-[0-9]+",
+    seed=r"[0-9]+",
 
 
 # Files that ship with the workflow are found through the workflow's own location, so it runs from any
 # working directory (--directory) or as a module; the user's config and results stay in the working directory.
-SHIPPED_FOLDS = {ds: workflow.source_path(f"../../config/folds/{ds}.tsv") for ds in ("bbbc021", "bbbc014")}
+SHIPPED_FOLDS = {
+    ds: workflow.source_path(f"../../config/folds/{ds}.tsv")
+    for ds in ("bbbc021", "bbbc014")
+}
+# The authors' own treatment-level predictions (pharmbio/kensert_CNN, MIT), shipped with moaflow.
+PUBLISHED_PREDICTIONS = str(
+    resources.files("moaflow") / "data" / "kensert2019_predictions.csv"
+)
 
 
 def folds_file(dataset):
@@ -107,49 +74,31 @@ def folds_file(dataset):
     if TRAIN[dataset]["folds_file"]:
         return TRAIN[dataset]["folds_file"]
     if dataset in CROPS:
-        return f"results/{dataset}/folds.generated.tsv"
+        return layout.generated_folds(dataset)
     return SHIPPED_FOLDS[dataset]
-
-
-# Only what decides a crops table's content: a change elsewhere (the channels' display names) redoes nothing.
-CROPS_TABLE_KEYS = ["images", "metadata", "separator", "filename", "columns", "batch_pattern"]
-
-
-def crops_settings(name):
-    """A params function giving the table-deciding part of a crops dataset's config section as JSON."""
-    return lambda wildcards: json.dumps({k: CROPS[name][k] for k in CROPS_TABLE_KEYS if k in CROPS[name]},
-                                        sort_keys=True)
 
 
 @functools.cache
 def fold_names(dataset):
+    """The dataset's folds, known at parse time so that `snakemake -n` lists every training job."""
     if dataset in CROPS and not TRAIN[dataset]["folds_file"]:
-        # Generated folds are known at parse time from the local metadata, by the function the rule runs.
-        spec, settings = CROPS[dataset], TRAIN[dataset]["folds"]
-        table = crops_table(spec["images"], spec["metadata"], columns=spec["columns"], filename=spec["filename"],
-                            separator=spec["separator"], batch_pattern=spec.get("batch_pattern"),
-                            log=lambda _: None)
-        return list(dataset_folds(table, variant=settings["variant"], seed=settings["seed"],
-                                  validation_compounds=settings["validation_compounds"],
-                                  fraction=settings["fraction"])["fold"])
+        # Generated folds come from the local metadata, by the functions the rules run.
+        from moaflow.datasets.tables import crops_table
+        from moaflow.learn.folds import dataset_folds
+
+        spec = CROPS[dataset]
+        table = crops_table(
+            spec["images"],
+            spec["metadata"],
+            columns=spec["columns"],
+            filename=spec["filename"],
+            separator=spec["separator"],
+            batch_pattern=spec.get("batch_pattern"),
+            log=lambda _: None,
+        )
+        return list(dataset_folds(table, **TRAIN[dataset]["folds"])["fold"])
     with open(folds_file(dataset)) as handle:
         return [row["fold"] for row in csv.DictReader(handle, delimiter="\t")]
-
-
-def trained_architectures(dataset):
-    """training.<dataset>.architectures when given, else training.architectures."""
-    return TRAIN[dataset].get("architectures") or TRAIN["architectures"]
-
-
-def input_size(wildcards):
-    size = TRAIN[wildcards.dataset]["input_sizes"][wildcards.architecture]
-    available = config["preprocess"][wildcards.dataset]["input_sizes"]
-    if size not in available:
-        raise ValueError(
-            f"training.{wildcards.dataset}.input_sizes.{wildcards.architecture} = {size} "
-            f"is not among preprocess.{wildcards.dataset}.input_sizes {available}"
-        )
-    return size
 
 
 def fold_chunks(dataset):
@@ -160,31 +109,88 @@ def fold_chunks(dataset):
     return {f"part-{i + 1:02d}-of-{len(chunks):02d}": c for i, c in enumerate(chunks)}
 
 
-def weights_input(init, architecture):
-    """The fetched ImageNet weights file's receipt for an `imagenet` initialisation, else nothing."""
-    if INITS[init] == "imagenet" and architecture in config["weights"]["files"]:
-        return verified(f"results/weights/{architecture}_notop.h5")
-    return []
+def trained_architectures(dataset):
+    return moaflow_config.trained_architectures(config, dataset)
 
 
-def store_of(dataset, architecture):
-    """The crop store at an architecture's input size."""
-    return f"results/{dataset}/crops/{TRAIN[dataset]['input_sizes'][architecture]}.npy"
+def input_size(dataset, architecture):
+    return moaflow_config.input_size(config, dataset, architecture)
 
 
-def imagenet_feature_architectures():
-    """Architectures whose untrained ImageNet features are a profiling source (profiling.imagenet_features)."""
-    if not config["profiling"]["imagenet_features"]:
-        return []
-    return [a for a in TRAIN["architectures"] if a in config["weights"]["files"]]
+def store_of(dataset, architecture, kind="crops"):
+    """The crop store at an architecture's input size (kind: crops, or dmso for the DMSO crops)."""
+    return layout.store(dataset, input_size(dataset, architecture), kind)
 
 
-def imagenet_feature_weights(dataset):
+@functools.cache
+def networks(dataset):
+    """The (architecture, initialisation) pairs trained on a dataset: an `imagenet` initialisation only for
+    architectures with ImageNet weights (the others are named in the log, once)."""
+    pairs, skipped = [], []
+    for architecture in trained_architectures(dataset):
+        for init, weights in INITS.items():
+            if (
+                weights == "imagenet"
+                and architecture not in architecture_registry.pretrained()
+            ):
+                skipped.append(f"{architecture}/{init}")
+            else:
+                pairs.append((architecture, init))
+    if skipped:
+        logger.info(
+            f"{dataset}: {len(skipped)} network(s) not trained, their architectures have no ImageNet "
+            f"weights (moaflow.learn.architectures): {', '.join(skipped)}"
+        )
+    return pairs
+
+
+def weights_file(init, architecture):
+    """What training starts from: the fetched ImageNet file, none (random), or a configured path."""
+    if INITS[init] == "imagenet":
+        return layout.weights(architecture)
+    return INITS[init]
+
+
+def weights_receipt(init, architecture):
+    """The fetched ImageNet weights' receipt for an `imagenet` initialisation, else nothing."""
+    return receipt(layout.weights(architecture)) if INITS[init] == "imagenet" else []
+
+
+def training_jobs(dataset, architecture=None, init=None, seed=None):
+    """Every training job's summary of a dataset (or of one architecture, initialisation and seed)."""
     return [
-        verified(f"results/weights/{a}_notop.h5")
-        for a in imagenet_feature_architectures()
-        if a in trained_architectures(dataset)
+        layout.job_summary(dataset, a, i, s, chunk)
+        for a, i in networks(dataset)
+        if architecture in (None, a) and init in (None, i)
+        for s in TRAIN["seeds"]
+        if seed in (None, int(s))
+        for chunk in fold_chunks(dataset)
     ]
+
+
+def training_runs(dataset):
+    """Each trained fold's folder (its outputs are written by the training job of its chunk)."""
+    return [
+        layout.fold_dir(dataset, a, i, s, fold)
+        for a, i in networks(dataset)
+        for s in TRAIN["seeds"]
+        for fold in fold_names(dataset)
+    ]
+
+
+def imagenet_feature_architectures(dataset):
+    """Architectures whose untrained ImageNet features are a profiling source (profiling.imagenet_features)."""
+    if not PROFILING["imagenet_features"]:
+        return []
+    return [
+        a
+        for a in trained_architectures(dataset)
+        if a in architecture_registry.pretrained()
+    ]
+
+
+def normalises_to_controls():
+    return moaflow_config.normalises_to_controls(config)
 
 
 def control_statistics_files(dataset):
@@ -192,102 +198,28 @@ def control_statistics_files(dataset):
     if not normalises_to_controls():
         return {}
     return {
-        f"{a}/{i}": f"results/{dataset}/profiling/controls/{a}/{i}/seed-{TRAIN['seeds'][0]}.npz"
-        for a in trained_architectures(dataset)
-        for i in INITS
+        f"{a}/{i}": layout.control_statistics(dataset, a, i, TRAIN["seeds"][0])
+        for a, i in networks(dataset)
     }
-
-
-def control_stores(dataset):
-    """Architecture -> the DMSO crop store its untrained ImageNet features embed (profiling normalised to DMSO)."""
-    if not normalises_to_controls():
-        return {}
-    return {
-        a: f"results/{dataset}/dmso/{TRAIN[dataset]['input_sizes'][a]}.npy"
-        for a in imagenet_feature_architectures()
-        if a in trained_architectures(dataset)
-    }
-
-
-def training_jobs(dataset):
-    return expand(
-        "results/{dataset}/models/{architecture}/{init}/seed-{seed}/jobs/{chunk}.json",
-        dataset=dataset,
-        architecture=trained_architectures(dataset),
-        init=INITS,
-        seed=TRAIN["seeds"],
-        chunk=fold_chunks(dataset),
-    )
-
-
-def training_runs(dataset):
-    """Each trained fold's folder (its outputs are written by the training job of its chunk)."""
-    return expand(
-        "results/{dataset}/models/{architecture}/{init}/seed-{seed}/{fold}",
-        dataset=dataset,
-        architecture=trained_architectures(dataset),
-        init=INITS,
-        seed=TRAIN["seeds"],
-        fold=fold_names(dataset),
-    )
-
-
-def deviation_settings():
-    """The parts of the config that the deviations-from-the-paper table compares."""
-    training = {k: v for k, v in TRAIN.items() if k in ("architectures", "initialisations", "bbbc021")}
-    return {"preprocess": config["preprocess"]["bbbc021"], "training": training}
 
 
 def all_targets():
     targets = []
     if "bbbc021" in DATASETS:
-        targets.append("results/bbbc021/crops/index.parquet")
+        targets.append(layout.store_index("bbbc021"))
         if config["preprocess"]["bbbc021"]["illumination"]["compute"]:
-            targets += expand("results/bbbc021/illumination/{plate}.png", plate=BBBC021_PLATES)
-    if "bbbc014" in DATASETS:
-        targets.append("results/bbbc014/crops/index.parquet")
-    targets += [f"results/{name}/crops/index.parquet" for name in CROPS]
-    targets += [f"results/{ds}/evaluation/summary.json" for ds in DATASETS]
-    if config["profiling"]["enabled"]:
-        targets += [f"results/{ds}/profiling/summary.json" for ds in MOA_DATASETS]
+            targets += [layout.illumination_figure(p) for p in BBBC021_PLATES]
+    targets += [layout.store_index(ds) for ds in DATASETS if ds != "bbbc021"]
+    targets += [layout.evaluation(ds, "summary.json") for ds in DATASETS]
+    if PROFILING["enabled"]:
+        targets += [layout.profiling(ds, "summary.json") for ds in MOA_DATASETS]
         targets += [
-            f"results/{ds}/interpretation/{a}_{i}.png"
+            layout.interpretation(ds, a, i)
             for ds in MOA_DATASETS
-            for a in trained_architectures(ds)
-            for i in INITS
+            for a, i in networks(ds)
         ]
-    targets.append("results/mlflow/runs.json")
+    targets.append(layout.mlflow("runs.json"))
     return targets
-
-
-as_report = report   # a line may not start with `report(` outside a rule: the parser takes it for the directive
-
-
-def _study_outputs(dataset):
-    """What only the study's own dataset gets: the deviations from the paper and the authors' predictions."""
-    if dataset != "bbbc021":
-        return {}
-    outputs = {
-        "settings": "results/bbbc021/evaluation/settings.json",
-        "deviations": report(
-            "results/bbbc021/evaluation/deviations.csv",
-            caption="../report/deviations.rst",
-            category="Evaluation",
-            subcategory="Summary",
-        ),
-    }
-    if config["evaluation"]["published_predictions"]:
-        outputs["published_confusion"] = [
-            as_report(
-                f"results/bbbc021/evaluation/confusion_treatment_{a}_published.png",
-                caption="../report/published.rst",
-                category="Evaluation",
-                subcategory="Treatment-level confusion (bbbc021)",
-                labels={"architecture": a, "init": "published (the authors' predictions)"},
-            )
-            for a in PUBLISHED_ARCHITECTURES
-        ]
-    return outputs
 
 
 def start_live_tracking():
@@ -297,6 +229,101 @@ def start_live_tracking():
     uri = tracking.resolve_uri(config["tracking"]["uri"])
     if tracking.is_server(uri):
         record = tracking.start_parent(
-            uri, config["tracking"]["experiment"], CONFIG_HASH, "results/mlflow/parent.json"
+            uri,
+            config["tracking"]["experiment"],
+            CONFIG_HASH,
+            layout.mlflow("parent.json"),
         )
-        logger.info(f"MLflow: live logging to {uri}, parent run {record['parent_run_id']}")
+        logger.info(
+            f"MLflow: live logging to {uri}, parent run {record['parent_run_id']}"
+        )
+
+
+# ------------------------------------------------------------------ per-stage helpers
+
+
+def illumination_functions(plate):
+    return [layout.illumination(plate, channel) for channel in BBBC021_CHANNELS]
+
+
+def study_outputs(dataset):
+    """What only the study's own dataset gets: the deviations from the paper and the authors' predictions."""
+    if dataset != "bbbc021":
+        return {}
+    outputs = {
+        "deviations": report_file(
+            layout.evaluation("bbbc021", "deviations.csv"),
+            caption="../report/deviations.rst",
+            category="Evaluation",
+            subcategory="Summary",
+        )
+    }
+    if config["evaluation"]["published_predictions"]:
+        outputs["published_confusion"] = [
+            report_file(
+                layout.evaluation("bbbc021", f"confusion_treatment_{a}_published.png"),
+                caption="../report/published.rst",
+                category="Evaluation",
+                subcategory="Treatment-level confusion (bbbc021)",
+                labels={
+                    "architecture": a,
+                    "init": "published (the authors' predictions)",
+                },
+            )
+            for a in architecture_registry.paper_architectures()
+        ]
+    return outputs
+
+
+def study_inputs(dataset):
+    """The image CSV, whose receipt says whether the data were the Broad's, and the paper's folds (the study's
+    dataset only)."""
+    if dataset != "bbbc021":
+        return {}
+    # The shipped folds are the paper's: an input, since their path lies in Snakemake's per-run source cache.
+    return {"image_csv": receipt(BBBC021_IMAGE_CSV), "paper_folds": SHIPPED_FOLDS["bbbc021"]}
+
+
+def study_params(dataset):
+    """The deviations table's and the published predictions' arguments (the study's dataset only)."""
+    if dataset != "bbbc021":
+        return {}
+    from moaflow.analysis.deviations import settings_of
+
+    return {
+        # only what the table reads: other settings must not redo the evaluation
+        "settings": settings_of(config),
+        "paper": settings_of(DEFAULTS),
+        "published": (
+            PUBLISHED_PREDICTIONS
+            if config["evaluation"]["published_predictions"]
+            else None
+        ),
+    }
+
+
+def report_figures(dataset, level):
+    return [
+        report_file(
+            layout.evaluation(dataset, f"confusion_{level}_{a}_{i}.png"),
+            caption="../report/confusion.rst",
+            category="Evaluation",
+            subcategory=f"{level.capitalize()}-level confusion ({dataset})",
+            labels={"architecture": a, "init": i},
+        )
+        for a, i in networks(dataset)
+    ]
+
+
+def profiling_inputs(dataset):
+    """What profiling reads, by role; the step takes them as mappings, so they are params too."""
+    controls = normalises_to_controls()
+    features = imagenet_feature_architectures(dataset)
+    return {
+        "stores": {a: store_of(dataset, a) for a in trained_architectures(dataset)},
+        "imagenet_weights": {a: layout.weights(a) for a in features},
+        "controls": control_statistics_files(dataset),
+        "control_stores": (
+            {a: store_of(dataset, a, "dmso") for a in features} if controls else {}
+        ),
+    }

@@ -8,69 +8,78 @@ for _name, _crops in CROPS.items():
         name:
             f"crops_table_{_name}"
         input:
-            metadata=_crops["metadata"],
-            images=_crops["images"],
+            _crops["metadata"],
+            _crops["images"],
         output:
-            f"results/{_name}/images.parquet",
-        params:
-            # a function: Snakemake would take the file name pattern's braces for wildcards
-            settings=crops_settings(_name),
+            output=layout.image_table(_name),
         log:
-            f"results/logs/image_table/{_name}.log",
+            layout.log("image_table", _name),
+        conda:
+            "../../envs/moaflow.yaml"
+        threads: 1
         resources:
             mem_mb=1000,
             runtime=10,
-        threads: 1
-        conda:
-            "../../envs/moaflow.yaml"
-        shell:
-            "moaflow table crops --image-root {input.images:q} --settings {params.settings:q}"
-            " --output {output:q} 2> {log:q}"
+        params:
+            step="table-crops",
+            # Only what decides the table's content: renaming the channels redoes nothing. A function:
+            # Snakemake would take the file name pattern's braces for wildcards.
+            settings=lambda wc, spec=_crops: {
+                k: spec[k]
+                for k in (
+                    "images",
+                    "metadata",
+                    "separator",
+                    "filename",
+                    "columns",
+                    "batch_pattern",
+                )
+                if k in spec
+            },
+        script:
+            STEP
 
     rule:
         name:
             f"preprocess_{_name}"
         input:
-            f"results/{_name}/images.parquet",
+            table=layout.image_table(_name),
         output:
-            arrays=[f"results/{_name}/crops/{size}.npy" for size in config["preprocess"][_name]["input_sizes"]],
-            index=f"results/{_name}/crops/index.parquet",
-        params:
-            sizes=config["preprocess"][_name]["input_sizes"],
-            output_dir=lambda wc, output: os.path.dirname(output.index),
+            [layout.store(_name, s) for s in config["preprocess"][_name]["input_sizes"]],
+            layout.store_index(_name),
         log:
-            f"results/logs/preprocess/{_name}.log",
+            layout.log("preprocess", _name),
+        conda:
+            "../../envs/moaflow.yaml"
+        threads: 1
         resources:
             mem_mb=3000,
             runtime=30,
-        threads: 1
-        conda:
-            "../../envs/moaflow.yaml"
-        shell:
-            "moaflow --threads {threads} preprocess-crops --table {input:q} --sizes {params.sizes:q}"
-            " --output-dir {params.output_dir:q} 2> {log:q}"
+        params:
+            step="preprocess-crops",
+            output_dir=lambda wc, output: os.path.dirname(output[-1]),
+            sizes=config["preprocess"][_name]["input_sizes"],
+        script:
+            STEP
 
     rule:
         name:
             f"folds_{_name}"
         input:
-            f"results/{_name}/crops/index.parquet",
+            index=layout.store_index(_name),
         output:
-            f"results/{_name}/folds.generated.tsv",
-        params:
-            variant=TRAIN[_name]["folds"]["variant"],
-            validation=TRAIN[_name]["folds"]["validation_compounds"],
-            seed=TRAIN[_name]["folds"]["seed"],
-            fraction=TRAIN[_name]["folds"]["fraction"],
+            output=layout.generated_folds(_name),
         log:
-            f"results/logs/training/{_name}_folds.log",
+            layout.log("training", f"{_name}_folds"),
+        conda:
+            "../../envs/moaflow.yaml"
+        threads: 1
         resources:
             mem_mb=1000,
             runtime=5,
-        threads: 1
-        conda:
-            "../../envs/moaflow.yaml"
-        shell:
-            "moaflow folds crops --index {input:q} --variant {params.variant:q}"
-            " --validation-compounds {params.validation:q} --seed {params.seed:q} --fraction {params.fraction:q}"
-            " --output {output:q} 2> {log:q}"
+        params:
+            **TRAIN[_name]["folds"],
+            step="folds",
+            dataset="crops",
+        script:
+            STEP

@@ -1,8 +1,8 @@
-# Training jobs per (dataset, architecture, initialisation, seed), each training
-# `training.folds_per_job` folds in one process (one start-up, one compilation).
-# Folds come from the folds file named in the config, read at parse time
-# (common.smk) so that `snakemake -n` lists every job; check_folds verifies it
-# against the crop index. ImageNet weights are fetched once, on the submit host.
+# Training jobs per (dataset, architecture, initialisation, seed), each training `training.folds_per_job`
+# folds in one process (one start-up, one compilation). Folds come from the folds file named in the config,
+# read at parse time (common.smk) so that `snakemake -n` lists every job; check_folds verifies it against
+# the crop index. ImageNet weights are fetched once, on the submit host.
+
 
 localrules:
     fetch_weights,
@@ -10,144 +10,146 @@ localrules:
 
 wildcard_constraints:
     dataset="|".join(DATASETS),
-    architecture="|".join(TRAIN["architectures"]),
+    architecture="|".join(architecture_registry.REGISTRY),
     init="|".join(INITS),
-    chunk=r"part-[0-9]+-of-[0-9]+",
-    seed=r"[0-9]+",
 
 
 rule check_folds:
     input:
         folds=lambda wc: folds_file(wc.dataset),
-        index="results/{dataset}/crops/index.parquet",
+        index=layout.store_index("{dataset}"),
     output:
-        "results/{dataset}/folds.tsv",
+        output=layout.folds("{dataset}"),
     log:
-        "results/logs/training/{dataset}_check_folds.log",
+        layout.log("training", "{dataset}_check_folds"),
+    conda:
+        "../../envs/moaflow.yaml"
+    threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
-    threads: 1
-    conda:
-        "../../envs/moaflow.yaml"
-    shell:
-        "moaflow check-folds --folds {input.folds:q} --index {input.index:q} --output {output:q} 2> {log:q}"
+    params:
+        step="check-folds",
+    script:
+        STEP
 
 
 rule fetch_weights:
     output:
-        verified("results/weights/{architecture}_notop.h5"),
-    params:
-        section="weights",
-        filename=lambda wc: config["weights"]["files"][wc.architecture],
-        data=lambda wc, output: data_of(output[0]),
-        kind="weights",
+        destination=receipt(layout.weights("{architecture}")),
     log:
-        "results/logs/download/weights_{architecture}.log",
+        layout.log("download", "weights_{architecture}"),
+    conda:
+        "../../envs/moaflow.yaml"
+    threads: 1
     resources:
         downloads=1,
         mem_mb=256,
         runtime=30,
-    threads: 1
-    conda:
-        "../../envs/moaflow.yaml"
+    params:
+        step="fetch",
+        section="weights",
+        filename=lambda wc: architecture_registry.get(wc.architecture).weights.file,
+        # a mirror that serves other bytes (the stand-in) names them; else Keras' published MD5
+        published=lambda wc: config["weights"]["published_files"].get(
+            architecture_registry.get(wc.architecture).weights.file,
+            {"md5": architecture_registry.get(wc.architecture).weights.md5},
+        ),
+        kind="weights",
     script:
         "../scripts/fetch.py"
 
 
 rule train:
     input:
-        store=lambda wc: f"results/{wc.dataset}/crops/{input_size(wc)}.npy",
-        index="results/{dataset}/crops/index.parquet",
-        folds="results/{dataset}/folds.tsv",
-        weights=lambda wc: weights_input(wc.init, wc.architecture),
+        lambda wc: weights_receipt(wc.init, wc.architecture),
+        store=lambda wc: store_of(wc.dataset, wc.architecture),
+        index=layout.store_index("{dataset}"),
+        folds=layout.folds("{dataset}"),
     output:
-        # the job's summary; each fold's outputs go to .../seed-{seed}/<fold>/ (see moaflow.learn.train)
-        "results/{dataset}/models/{architecture}/{init}/seed-{seed}/jobs/{chunk}.json",
-    params:
-        folds=lambda wc: fold_chunks(wc.dataset)[wc.chunk],
-        weights=lambda wc, input: data_of(input.weights) if input.weights else INITS[wc.init],
-        preset=lambda wc: architecture_settings(TRAIN[wc.dataset], wc.architecture)[0],
-        hyper=lambda wc: json.dumps(
-            architecture_settings(TRAIN[wc.dataset], wc.architecture)[1], sort_keys=True
+        # the job's summary; each fold's outputs go to its folder (moaflow.layout.fold_dir)
+        receipt=layout.job_summary(
+            "{dataset}", "{architecture}", "{init}", "{seed}", "{chunk}"
         ),
-        models_dir=lambda wc, output: os.path.dirname(os.path.dirname(output[0])),
-        # per-fold checkpoints live outside the outputs, so a killed job's cleanup keeps them
-        checkpoints="results/{dataset}/checkpoints/{architecture}/{init}/seed-{seed}",
-        allow_cpu="--allow-cpu" if TRAIN["allow_cpu"] else "",
-        load_into_memory=str(TRAIN["load_into_memory"]).lower(),
-        checkpoint_minutes=TRAIN["checkpoint_minutes"],
-        tracking_uri=config["tracking"]["uri"],
-        experiment=config["tracking"]["experiment"],
-        occlusion_examples=lambda wc: (
-            config["profiling"]["examples_per_moa"]
-            if config["profiling"]["enabled"] and wc.dataset in MOA_DATASETS
-            else 0
-        ),
-        occlusion_grid=config["profiling"]["occlusion_grid"],
     log:
-        "results/logs/training/{dataset}/{architecture}/{init}/seed-{seed}/{chunk}.log",
+        layout.log("training", "{dataset}/{architecture}/{init}/seed-{seed}/{chunk}"),
+    conda:
+        "../../envs/moaflow.yaml"
+    threads: TRAIN["resources"]["threads"]
     resources:
         gpu=TRAIN["resources"]["gpu"],
         mem_mb=TRAIN["resources"]["mem_mb"],
         runtime=TRAIN["resources"]["runtime"],
-    threads: TRAIN["resources"]["threads"]
-    conda:
-        "../../envs/moaflow.yaml"
-    shell:
-        "TF_NUM_INTRAOP_THREADS={threads} TF_NUM_INTEROP_THREADS=1 OMP_NUM_THREADS={threads}"
-        " moaflow --threads {threads} train --store {input.store:q} --index {input.index:q}"
-        " --folds {input.folds:q} --fold {params.folds:q} --architecture {wildcards.architecture:q}"
-        " --dataset {wildcards.dataset:q} --init {wildcards.init:q} --weights {params.weights:q}"
-        " --preset {params.preset:q} --hyperparameters {params.hyper:q} --seed {wildcards.seed:q}"
-        " --gpus {resources.gpu} {params.allow_cpu} --load-into-memory {params.load_into_memory:q}"
-        " --checkpoint-minutes {params.checkpoint_minutes:q} --models-dir {params.models_dir:q}"
-        " --checkpoints-dir {params.checkpoints:q} --receipt {output:q} --tracking-uri {params.tracking_uri:q}"
-        " --experiment {params.experiment:q} --mlflow-parent results/mlflow/parent.json"
-        " --occlusion-examples {params.occlusion_examples:q} --occlusion-grid {params.occlusion_grid:q} 2> {log:q}"
+    params:
+        step="train",
+        fold_names=lambda wc: fold_chunks(wc.dataset)[wc.chunk],
+        architecture="{architecture}",
+        weights=lambda wc: weights_file(wc.init, wc.architecture),
+        hyper=lambda wc: presets.resolved(TRAIN[wc.dataset], wc.architecture),
+        seed=lambda wc: int(wc.seed),
+        dataset="{dataset}",
+        init="{init}",
+        models_dir=layout.seed_dir("{dataset}", "{architecture}", "{init}", "{seed}"),
+        # per-fold checkpoints live outside the outputs, so a killed job's cleanup keeps them
+        checkpoints_dir=layout.checkpoints(
+            "{dataset}", "{architecture}", "{init}", "{seed}"
+        ),
+        gpus=lambda wc, resources: resources.gpu,
+        allow_cpu=TRAIN["allow_cpu"],
+        load_into_memory=TRAIN["load_into_memory"],
+        checkpoint_minutes=TRAIN["checkpoint_minutes"],
+        tracking={
+            "uri": config["tracking"]["uri"],
+            "experiment": config["tracking"]["experiment"],
+            "parent_file": layout.mlflow("parent.json"),
+        },
+        occlusion=lambda wc: {
+            "examples": (
+                PROFILING["examples_per_moa"]
+                if PROFILING["enabled"] and wc.dataset in MOA_DATASETS
+                else 0
+            ),
+            "grid": PROFILING["occlusion_grid"],
+        },
+    script:
+        STEP
 
 
 rule track_mlflow:
     input:
-        jobs=[job for ds in DATASETS for job in training_jobs(ds)],
-        summaries=[f"results/{ds}/evaluation/summary.json" for ds in DATASETS]
+        [job for ds in DATASETS for job in training_jobs(ds)],
+        summaries=[layout.evaluation(ds, "summary.json") for ds in DATASETS]
         + (
-            [f"results/{ds}/profiling/summary.json" for ds in MOA_DATASETS]
-            if config["profiling"]["enabled"]
+            [layout.profiling(ds, "summary.json") for ds in MOA_DATASETS]
+            if PROFILING["enabled"]
             else []
         ),
         figures=[
-            figure
+            layout.evaluation(ds, name)
             for ds in MOA_DATASETS
-            for figure in [f"results/{ds}/evaluation/learning_curves.png"]
-            + [
-                f"results/{ds}/evaluation/confusion_treatment_{a}_{i}.png"
-                for a in trained_architectures(ds)
-                for i in INITS
-            ]
+            for name in ["learning_curves.png"]
+            + [f"confusion_treatment_{a}_{i}.png" for a, i in networks(ds)]
         ],
     output:
-        "results/mlflow/runs.json",
-    params:
-        run_dirs=[run for ds in DATASETS for run in training_runs(ds)],
-        uri=config["tracking"]["uri"],
-        experiment=config["tracking"]["experiment"],
-        no_models="" if config["tracking"]["log_models"] else "--no-models",
-        config_hash=CONFIG_HASH,
+        output=layout.mlflow("runs.json"),
     log:
-        "results/logs/tracking/mlflow.log",
+        layout.log("tracking", "mlflow"),
+    conda:
+        "../../envs/moaflow.yaml"
+    threads: 1
     resources:
         mem_mb=2000,
         runtime=60,
-    threads: 1
-    conda:
-        "../../envs/moaflow.yaml"
-    shell:
-        # MLFLOW_TRACKING_URI, when set, wins over the config (a tracking server)
-        "moaflow track --run-dirs {params.run_dirs:q} --tracking-uri {params.uri:q}"
-        " --experiment {params.experiment:q} --config-hash {params.config_hash:q} {params.no_models}"
-        " --summaries {input.summaries:q} --artifacts {input.summaries:q} {input.figures:q}"
-        " --parent-file results/mlflow/parent.json --output {output:q} 2> {log:q}"
+    params:
+        step="track",
+        run_dirs=[run for ds in DATASETS for run in training_runs(ds)],
+        tracking_uri=config["tracking"]["uri"],
+        experiment=config["tracking"]["experiment"],
+        log_models=config["tracking"]["log_models"],
+        config_hash=CONFIG_HASH,
+        parent_file=layout.mlflow("parent.json"),
+    script:
+        STEP
 
 
 # With a tracking server, the study's parent run exists before any training job logs a fold to it.

@@ -1,135 +1,34 @@
-"""Cross-validated evaluation: the study's aggregation levels, figures, published predictions and uncertainty.
+"""Cross-validated evaluation of a dataset's trained folds: one tidy results table, then files, then figures.
 
-Levels (BBBC021 and crop datasets):
-
-* crop: argmax of each crop's softmax;
-* image (field): element-wise median of a field's crop probabilities, argmax;
-* treatment: for each (compound, concentration, replicate) the element-wise
-  median over its crops, then the median over replicates, argmax (the
-  original code's rule; two wells sharing ``Replicate=1`` are pooled).
-
-Predictions can come from this run's folds or from a table (`load_predictions`,
-e.g. the authors' own treatment-level predictions): a table is evaluated at
-its own level and every coarser one, the level being named by its columns.
+`evaluate_runs` reads every trained network's held-out predictions (the
+folders `moaflow.layout` names) and computes everything the report shows into
+one `Evaluation`: accuracy per source, architecture, initialisation, level and
+seed (a tidy table), confusion matrices, misclassified treatments, per-MoA
+recall, cross-conformal coverage (`moaflow.analysis.conformal`) and learning
+curves. `write_evaluation` writes its tables, `plot_evaluation` its figures.
+Levels are `moaflow.analysis.levels`'. The authors' own treatment-level
+predictions give a "published" row beside the run's (`evaluate_published`).
 
 BBBC014: a well is called positive when the mean probability over its crops is
->= 0.5. Uncertainty: cross-conformal Mondrian (class-conditional) prediction
-sets, calibrated for each held-out compound on the other folds' held-out
-compounds, at crop and at treatment level.
+>= 0.5 (`evaluate_bbbc014`).
 """
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
+from sklearn.metrics import confusion_matrix, recall_score
 
+from moaflow import layout
+from moaflow.analysis.conformal import cross_conformal
+from moaflow.analysis.levels import LEVELS, accuracy, aggregate, level_of, load_predictions, probability_columns
 from moaflow.files import save_figure, write_json, write_table
 from moaflow.logs import stderr
-
-LEVELS = ("crop", "image", "treatment")
-#: Treatment-level accuracy reported by Kensert et al. (2019), ImageNet-pretrained, 103 treatments.
-PAPER_TREATMENT_ACCURACY = {"resnet50": 97.09, "inception_v3": 97.09, "inception_resnet_v2": 95.15}
-#: Columns of a predictions table that are not class probabilities.
-_NOT_CLASSES = {"architecture", "init", "seed", "fold", "split", "compound", "concentration", "moa", "true",
-                "predicted", "replicate", "image_number", "crop", "crop_id", "plate", "well", "site", "batch",
-                "treatment", "source", "is_dmso"}
-
-
-def probability_columns(frame: pd.DataFrame) -> list[str]:
-    return [c for c in frame.columns if c.startswith("p_")]
-
-
-def level_of(frame: pd.DataFrame) -> str:
-    """The finest level a predictions table can be evaluated at, from its columns."""
-    if "crop_id" in frame or "crop" in frame:
-        return "crop"
-    if "image_number" in frame:
-        return "image"
-    return "treatment"
-
-
-def load_predictions(path: str | os.PathLike) -> pd.DataFrame:
-    """A predictions table (CSV or parquet) in evaluation form: ``p_<class>`` columns and ``true``.
-
-    Class columns are either already ``p_<class>`` or named by the class
-    (every column that is not metadata: compound, concentration, moa,
-    replicate, ...); ``true`` comes from ``true`` or ``moa``.
-
-    Raises
-    ------
-    ValueError
-        When the table has no class columns or no true class.
-    """
-    path = Path(path)
-    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    if not probability_columns(frame):
-        classes = [c for c in frame.columns if c not in _NOT_CLASSES]
-        frame = frame.rename(columns={c: f"p_{c}" for c in classes})
-    if not probability_columns(frame):
-        raise ValueError(f"{path}: no class probability columns")
-    if "true" not in frame:
-        if "moa" not in frame:
-            raise ValueError(f"{path}: no true class: expected a 'true' or 'moa' column")
-        frame["true"] = frame["moa"]
-    unknown = sorted(set(frame["true"]) - {c[2:] for c in probability_columns(frame)})
-    if unknown:
-        raise ValueError(f"{path}: true classes {unknown} have no probability column")
-    return frame
-
-
-def _call(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
-    classes = [c[2:] for c in columns]
-    return pd.Series(np.asarray(classes)[frame[columns].to_numpy().argmax(axis=1)], index=frame.index)
-
-
-def aggregate(frame: pd.DataFrame, level: str) -> pd.DataFrame:
-    """Predictions at ``level`` ("crop", "image" or "treatment") from finer ones.
-
-    Parameters
-    ----------
-    frame : pandas.DataFrame
-        Rows with ``p_<class>`` columns, ``true`` and the grouping columns
-        (``compound``, ``concentration``, and where present ``replicate``, ``image_number``).
-
-    Returns
-    -------
-    frame : pandas.DataFrame
-        One row per unit with the aggregated probabilities, ``true`` and ``predicted``.
-
-    Raises
-    ------
-    ValueError
-        When ``level`` is finer than the table.
-    """
-    if level not in LEVELS:
-        raise ValueError(f"level={level!r}: expected one of {LEVELS}")
-    have = level_of(frame)
-    if LEVELS.index(level) < LEVELS.index(have):
-        raise ValueError(f"predictions at {have} level cannot be evaluated at {level} level")
-    columns = probability_columns(frame)
-    carried = {c: "first" for c in ("true", "fold") if c in frame}
-    if level == "crop":
-        out = frame.copy()
-    elif level == "image":
-        out = frame.groupby(["compound", "concentration", "image_number"], as_index=False).agg(
-            {**{c: "median" for c in columns}, **carried})
-    else:
-        if "replicate" in frame:
-            frame = frame.groupby(["compound", "concentration", "replicate"], as_index=False).agg(
-                {**{c: "median" for c in columns}, **carried})
-        out = frame.groupby(["compound", "concentration"], as_index=False).agg(
-            {**{c: "median" for c in columns}, **carried})
-    out["predicted"] = _call(out, columns)
-    return out.reset_index(drop=True)
-
-
-def accuracy(frame: pd.DataFrame) -> float:
-    return float(accuracy_score(frame["true"], frame["predicted"])) if len(frame) else float("nan")
+from moaflow.study import PAPER_TREATMENT_ACCURACY
 
 
 def per_class_recall(frame: pd.DataFrame, classes: list[str]) -> dict[str, float]:
@@ -201,102 +100,16 @@ def plot_learning_curves(histories: dict[tuple[str, str], list[pd.DataFrame]], p
     save_figure(fig, path)
 
 
-# ------------------------------------------------------------------ conformal prediction
+# ------------------------------------------------------------------ a dataset's trained networks
 
-def mondrian_calibration(calibration: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Sorted nonconformity scores ``1 - p(true class)`` per true class (the Mondrian categories)."""
-    columns = probability_columns(calibration)
-    true = pd.Index([c[2:] for c in columns]).get_indexer(calibration["true"])
-    if (true < 0).any():
-        raise ValueError(f"calibration labels {sorted(set(calibration['true'][true < 0]))} have no probability column")
-    scores = 1.0 - calibration[columns].to_numpy()[np.arange(len(calibration)), true]
-    return {c[2:]: np.sort(scores[true == k]) for k, c in enumerate(columns)}
-
-
-def conformal_sets(test: pd.DataFrame, calibration: dict[str, np.ndarray], significance: float) -> list[list[str]]:
-    """Mondrian prediction sets: label y is kept when its p-value exceeds ``significance``.
-
-    The p-value of y for a test example with score s = 1 - p(y) is
-    ``(#{calibration scores of class y >= s} + 1) / (n_y + 1)``, so for each
-    class the sets cover the true label with probability >= 1 - significance
-    when calibration and test examples are exchangeable within the class. A
-    class without calibration examples gets p = 1 and is always kept.
-    """
-    columns = probability_columns(test)
-    sets = [[] for _ in range(len(test))]
-    for column in columns:
-        label = column[2:]
-        scores = calibration.get(label, np.zeros(0))
-        s = 1.0 - test[column].to_numpy()
-        at_least = len(scores) - np.searchsorted(scores, s, side="left")
-        p_values = (at_least + 1) / (len(scores) + 1)
-        for k in np.flatnonzero(p_values > significance):
-            sets[k].append(label)
-    return sets
-
-
-def conformal_table(test: pd.DataFrame, calibration: pd.DataFrame, significances: list[float]) -> pd.DataFrame:
-    """Empirical coverage and mean set size per true class and significance level."""
-    scores = mondrian_calibration(calibration)
-    rows = []
-    for significance in significances:
-        sets = conformal_sets(test, scores, significance)
-        covered = np.array([t in s for t, s in zip(test["true"], sets)])
-        sizes = np.array([len(s) for s in sets])
-        for label in sorted(set(test["true"])) + ["all"]:
-            mask = np.ones(len(test), bool) if label == "all" else (test["true"] == label).to_numpy()
-            rows.append({"significance": significance, "class": label, "n": int(mask.sum()),
-                         "n_calibration": int(sum(len(v) for v in scores.values()) if label == "all"
-                                              else len(scores.get(label, []))),
-                         "covered": int(covered[mask].sum()), "set_size_sum": int(sizes[mask].sum()),
-                         "coverage": float(covered[mask].mean()), "mean_set_size": float(sizes[mask].mean())})
-    return pd.DataFrame(rows)
-
-
-def cross_conformal(held_out: pd.DataFrame, significances: list[float], level: str) -> pd.DataFrame:
-    """Coverage of Mondrian sets for held-out compounds, each calibrated on the other folds' held-out compounds.
-
-    Every fold's model predicted only its own held-out compound, so the
-    calibration scores (other compounds, other folds' models) are exchangeable
-    with a new compound's, unlike scores of compounds a model trained on.
-
-    Parameters
-    ----------
-    held_out : pandas.DataFrame
-        The test predictions of all folds (crop level), with a ``fold`` column.
-    level : str
-        Score units: "crop" or "treatment" (the held-out predictions aggregated first).
-
-    Returns
-    -------
-    table : pandas.DataFrame
-        Per significance level and true class (and "all"): n, coverage, mean set size, and the level.
-    """
-    parts = []
-    for fold, part in held_out.groupby("fold"):
-        calibration = aggregate(held_out[held_out["fold"] != fold], level)
-        if len(calibration):
-            parts.append(conformal_table(aggregate(part, level), calibration, significances))
-    if not parts:
-        return pd.DataFrame(columns=["significance", "class", "n", "coverage", "mean_set_size", "level"])
-    pooled = pd.concat(parts).drop(columns=["coverage", "mean_set_size"]).groupby(["significance", "class"],
-                                                                                as_index=False)[
-        ["n", "covered", "set_size_sum"]].sum()
-    pooled["coverage"] = pooled["covered"] / pooled["n"]
-    pooled["mean_set_size"] = pooled["set_size_sum"] / pooled["n"]
-    return pooled.drop(columns=["covered", "set_size_sum"]).assign(level=level)
-
-
-# ------------------------------------------------------------------ study evaluation
-
-def load_runs(models_dir: str | os.PathLike, architecture: str, init: str, folds: list[str], seed: int = 0):
-    """Concatenate a (architecture, init, seed)'s test and validation predictions and histories over folds."""
-    base = Path(models_dir) / architecture / init / f"seed-{seed}"
+def load_runs(seed_dir: str | os.PathLike, folds: list[str]):
+    """One trained network's (a seed folder's) test and validation predictions and histories, over folds."""
     tests, validations, histories = [], [], []
     for fold in folds:
-        tests.append(pd.read_parquet(base / fold / "test_predictions.parquet").assign(fold=fold))
-        validations.append(pd.read_parquet(base / fold / "validation_predictions.parquet").assign(fold=fold))
-        histories.append(pd.read_csv(base / fold / "history.tsv", sep="\t"))
+        folder = Path(seed_dir) / fold
+        tests.append(pd.read_parquet(layout.fold_file(folder, "test_predictions")).assign(fold=fold))
+        validations.append(pd.read_parquet(layout.fold_file(folder, "validation_predictions")).assign(fold=fold))
+        histories.append(pd.read_csv(layout.fold_file(folder, "history"), sep="\t"))
     return pd.concat(tests, ignore_index=True), pd.concat(validations, ignore_index=True), histories
 
 
@@ -306,153 +119,214 @@ def _misclassified(frame: pd.DataFrame, **labels) -> list[dict]:
              "predicted": r.predicted} for r in wrong.itertuples()]
 
 
-def evaluate_bbbc021(models_dir, folds: pd.DataFrame, architectures: list[str], inits: list[str],
-                     out_dir, significances: list[float], seeds: list[int] = (0,),
-                     published: pd.DataFrame | None = None) -> dict:
-    """Everything the report shows for a MoA dataset; writes CSVs and PNGs to ``out_dir``, returns the summary.
+@dataclass
+class Evaluation:
+    """Everything a MoA dataset's evaluation computes, before anything is written."""
 
-    With several seeds the accuracies are means over seeds (``sd_percent`` their
-    standard deviation, ``seed_variation.csv`` each seed's value); confusion
-    matrices, misclassified treatments, conformal sets and the ensemble use the
-    first seed. ``published`` (from `load_predictions`, with an ``architecture``
-    column) adds the authors' own predictions beside the run's.
+    dataset: str
+    folds: int
+    seeds: list[int]
+    classes: list[str] = field(default_factory=list)
+    #: one row per (source, architecture, init, level, seed): n and accuracy_percent (plus model_selection)
+    scores: list[dict] = field(default_factory=list)
+    #: (architecture, init, level) -> confusion counts at image and treatment level (first seed)
+    confusions: dict = field(default_factory=dict)
+    #: (architecture, init, fold) -> treatment-level confusion of one fold (first seed)
+    fold_confusions: dict = field(default_factory=dict)
+    misclassified: list[dict] = field(default_factory=list)
+    recall: list[dict] = field(default_factory=list)
+    conformal: list[pd.DataFrame] = field(default_factory=list)
+    histories: dict = field(default_factory=dict)
+    published: dict = field(default_factory=dict)
+
+    def accuracy_table(self) -> pd.DataFrame:
+        """Mean and SD over seeds per source, architecture, initialisation and level, beside the paper's figure."""
+        scores = pd.DataFrame(self.scores)
+        keys = ["source", "architecture", "init", "level"]
+        table = scores.groupby(keys, sort=False).agg(
+            model_selection=("model_selection", "first"), n=("n", "first"), seeds=("seed", "nunique"),
+            accuracy_percent=("accuracy_percent", "mean"), sd_percent=("accuracy_percent", "std")).reset_index()
+        table["paper_percent"] = [PAPER_TREATMENT_ACCURACY.get(a) if lv == "treatment" and i in ("imagenet", "published")
+                                  else None for a, i, lv in zip(table["architecture"], table["init"], table["level"])]
+        return table
+
+    def summary(self) -> dict:
+        table = self.accuracy_table()
+        accuracies = {}
+        for r in table.itertuples():
+            key = "published" if r.source == "published predictions" else f"{r.architecture}/{r.init}"
+            if key == "published":
+                accuracies.setdefault(key, {}).setdefault(r.architecture, {})[r.level] = r.accuracy_percent / 100
+            else:
+                accuracies.setdefault(key, {})[r.level] = r.accuracy_percent / 100
+        headline = {"dataset": self.dataset, "folds": self.folds, "classes": self.classes, "accuracy": accuracies,
+                    "paper_treatment_accuracy_percent": PAPER_TREATMENT_ACCURACY}
+        if len(self.seeds) > 1:
+            headline["seed_variation_percent"] = {f"{r.architecture}/{r.init}/{r.level}": r.sd_percent
+                                                  for r in table.itertuples() if r.sd_percent == r.sd_percent}
+        return headline
+
+
+def _model_selection(seed_dir: Path, fold: str) -> str:
+    import json
+
+    run = layout.fold_file(seed_dir / fold, "run")
+    return json.loads(run.read_text()).get("hyperparameters", {}).get("model_selection", "last") if run.is_file() else ""
+
+
+def _score_network(evaluation: Evaluation, architecture: str, init: str, runs: dict, selection: str,
+                   significances: list[float]) -> pd.DataFrame:
+    """Add one trained network's rows to ``evaluation``; its first seed's held-out predictions."""
+    seeds = evaluation.seeds
+    test = runs[seeds[0]][0]
+    evaluation.classes = [c[2:] for c in probability_columns(test)]
+    evaluation.histories[(architecture, init)] = [h for seed in seeds for h in runs[seed][2]]
+    for level in LEVELS:
+        for seed in seeds:
+            frame = aggregate(runs[seed][0], level)
+            evaluation.scores.append({"source": "this run", "architecture": architecture, "init": init,
+                                      "level": level, "seed": seed, "n": len(frame), "model_selection": selection,
+                                      "accuracy_percent": 100 * accuracy(frame)})
+        frame = aggregate(test, level)
+        if level in ("image", "treatment"):
+            evaluation.confusions[(architecture, init, level)] = confusion(frame, evaluation.classes)
+        if level == "treatment":
+            evaluation.misclassified += _misclassified(frame, source="this run", architecture=architecture, init=init)
+            evaluation.recall += [{"architecture": architecture, "init": init, "moa": m, "recall": v}
+                                  for m, v in per_class_recall(frame, evaluation.classes).items()]
+    for fold, part in test.groupby("fold"):
+        evaluation.fold_confusions[(architecture, init, fold)] = confusion(aggregate(part, "treatment"),
+                                                                           evaluation.classes)
+    for level in ("crop", "treatment"):
+        evaluation.conformal.append(cross_conformal(test, significances, level).assign(architecture=architecture,
+                                                                                       init=init))
+    return test
+
+
+def _score_ensembles(evaluation: Evaluation, tests_by_init: dict[str, list[pd.DataFrame]]) -> None:
+    """Per initialisation, the mean of every architecture's crop probabilities (first seed) as one more row."""
+    for init, tests in tests_by_init.items():
+        if len(tests) < 2:
+            continue
+        merged = tests[0].copy()
+        columns = probability_columns(merged)
+        merged[columns] = np.mean([t[columns].to_numpy() for t in tests], axis=0)
+        for level in LEVELS:
+            frame = aggregate(merged, level)
+            evaluation.scores.append({"source": "this run", "architecture": "ensemble", "init": init, "level": level,
+                                      "seed": evaluation.seeds[0], "n": len(frame), "model_selection": "",
+                                      "accuracy_percent": 100 * accuracy(frame)})
+
+
+def evaluate_runs(dataset: str, folds: pd.DataFrame, networks: list[tuple[str, str]], *, seeds: list[int],
+                  significance_levels: list[float], published: pd.DataFrame | None = None,
+                  root: str = layout.ROOT) -> Evaluation:
+    """Everything the report shows for a MoA dataset's trained networks, computed (nothing written).
+
+    With several seeds the accuracies are means over seeds (and their SD); confusion matrices, misclassified
+    treatments, conformal sets and the ensemble use the first seed. ``published`` (from `load_predictions`,
+    with an ``architecture`` column) adds the authors' own predictions beside the run's.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    seeds = list(seeds)
+    evaluation = Evaluation(dataset=dataset, folds=len(folds), seeds=list(seeds))
     fold_names = list(folds["fold"])
-    rows, summary, histories, misclassified, conformal, per_moa, by_seed = [], {}, {}, [], [], [], []
-    ensemble: dict[str, list[pd.DataFrame]] = {}
-    classes = None
-    for architecture in architectures:
-        for init in inits:
-            runs = {seed: load_runs(models_dir, architecture, init, fold_names, seed) for seed in seeds}
-            test = runs[seeds[0]][0]
-            classes = [c[2:] for c in probability_columns(test)]
-            histories[(architecture, init)] = [h for seed in seeds for h in runs[seed][2]]
-            ensemble.setdefault(init, []).append(test)
-            key = f"{architecture}/{init}"
-            summary[key] = {}
-            first_run = Path(models_dir) / architecture / init / f"seed-{seeds[0]}" / fold_names[0] / "run.json"
-            selection = (json.loads(first_run.read_text()).get("hyperparameters", {}).get("model_selection", "last")
-                         if first_run.is_file() else "")
-            for level in LEVELS:
-                frame = aggregate(test, level)
-                values = [accuracy(aggregate(runs[seed][0], level)) for seed in seeds]
-                by_seed += [{"architecture": architecture, "init": init, "level": level, "seed": seed,
-                             "accuracy_percent": 100 * v} for seed, v in zip(seeds, values)]
-                summary[key][level] = float(np.mean(values))
-                rows.append({"source": "this run", "architecture": architecture, "init": init, "level": level,
-                             "model_selection": selection,
-                             "n": len(frame), "seeds": len(seeds), "accuracy_percent": 100 * float(np.mean(values)),
-                             "sd_percent": 100 * float(np.std(values, ddof=1)) if len(values) > 1 else None,
-                             "paper_percent": PAPER_TREATMENT_ACCURACY.get(architecture)
-                             if level == "treatment" and init == "imagenet" else None})
-                if level in ("image", "treatment"):
-                    matrix = confusion(frame, classes)
-                    matrix.to_csv(out_dir / f"confusion_{level}_{architecture}_{init}.csv")
-                    plot_confusion(matrix, out_dir / f"confusion_{level}_{architecture}_{init}.png",
-                                   f"{architecture} ({init}), {level} level, all folds"
-                                   + (f", seed {seeds[0]} of {len(seeds)}" if len(seeds) > 1 else ""))
-                if level == "treatment":
-                    misclassified += _misclassified(frame, source="this run", architecture=architecture, init=init)
-                    per_moa += [{"architecture": architecture, "init": init, "moa": m, "recall": v}
-                                for m, v in per_class_recall(frame, classes).items()]
-            for fold, part in test.groupby("fold"):
-                confusion(aggregate(part, "treatment"), classes).to_csv(
-                    out_dir / f"fold_confusion_{architecture}_{init}_{fold}.csv")
-            for level in ("crop", "treatment"):
-                conformal.append(cross_conformal(test, significances, level).assign(architecture=architecture,
-                                                                                   init=init))
-    for init, tests in ensemble.items():
-        if len(tests) > 1:
-            merged = tests[0].copy()
-            columns = probability_columns(merged)
-            merged[columns] = np.mean([t[columns].to_numpy() for t in tests], axis=0)
-            for level in LEVELS:
-                frame = aggregate(merged, level)
-                rows.append({"source": "this run", "architecture": "ensemble", "init": init, "level": level,
-                             "n": len(frame), "seeds": 1, "accuracy_percent": 100 * accuracy(frame),
-                             "sd_percent": None, "paper_percent": None})
-                summary.setdefault(f"ensemble/{init}", {})[level] = accuracy(frame)
+    tests_by_init: dict[str, list[pd.DataFrame]] = {}
+    for architecture, init in networks:
+        folders = {seed: Path(layout.seed_dir(dataset, architecture, init, seed, root)) for seed in seeds}
+        runs = {seed: load_runs(folder, fold_names) for seed, folder in folders.items()}
+        selection = _model_selection(folders[seeds[0]], fold_names[0])
+        tests_by_init.setdefault(init, []).append(
+            _score_network(evaluation, architecture, init, runs, selection, significance_levels))
+    _score_ensembles(evaluation, tests_by_init)
     if published is not None:
-        summary["published"] = evaluate_published(published, out_dir, rows, misclassified)
-    table = pd.DataFrame(rows)
-    table.to_csv(out_dir / "accuracy.csv", index=False)
-    if len(seeds) > 1:
-        pd.DataFrame(by_seed).to_csv(out_dir / "seed_variation.csv", index=False)
-        summary["seed_variation_percent"] = {
-            f"{r.architecture}/{r.init}/{r.level}": r.sd_percent for r in table.itertuples()
-            if r.sd_percent is not None and r.sd_percent == r.sd_percent}
-    pd.DataFrame(misclassified, columns=["source", "architecture", "init", "compound", "concentration", "true",
-                                         "predicted"]).to_csv(out_dir / "misclassified_treatments.csv", index=False)
-    pd.DataFrame(per_moa).to_csv(out_dir / "per_moa_recall.csv", index=False)
-    conformal_frame = pd.concat(conformal) if conformal else pd.DataFrame(
-        columns=["significance", "class", "n", "coverage", "mean_set_size", "level", "architecture", "init"])
-    conformal_frame.to_csv(out_dir / "conformal.csv", index=False)
-    plot_learning_curves(histories, out_dir / "learning_curves.png", "Held-out compound accuracy per epoch")
-    headline = {"dataset": Path(models_dir).parent.name, "folds": len(fold_names), "classes": classes,
-                "accuracy": summary,
-                "paper_treatment_accuracy_percent": PAPER_TREATMENT_ACCURACY}
-    write_json(headline, out_dir / "summary.json")
-    return headline
+        evaluate_published(published, evaluation)
+    return evaluation
 
 
-def evaluate_published(published: pd.DataFrame, out_dir, rows: list | None = None,
-                       misclassified: list | None = None) -> dict:
-    """Accuracy, confusion matrices and misclassified units of an external predictions table, per
-    architecture (its ``architecture`` column), at its own level and every coarser one.
-
-    Appends to ``rows`` / ``misclassified`` when given (the study's tables); returns
-    ``{architecture: {level: accuracy}}``.
-    """
+def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike) -> dict:
+    """The evaluation's tables into ``out_dir``; returns the summary (also ``summary.json``)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = rows if rows is not None else []
-    misclassified = misclassified if misclassified is not None else []
+    table = evaluation.accuracy_table()
+    write_table(table, out_dir / "accuracy.csv")
+    if len(evaluation.seeds) > 1:
+        write_table(pd.DataFrame(evaluation.scores).query("source == 'this run'"), out_dir / "seed_variation.csv")
+    for (architecture, init, level), matrix in evaluation.confusions.items():
+        matrix.to_csv(out_dir / f"confusion_{level}_{architecture}_{init}.csv")
+    for (architecture, init, fold), matrix in evaluation.fold_confusions.items():
+        matrix.to_csv(out_dir / f"fold_confusion_{architecture}_{init}_{fold}.csv")
+    for architecture, matrix in evaluation.published.items():
+        matrix.to_csv(out_dir / f"confusion_treatment_{architecture}_published.csv")
+    write_table(pd.DataFrame(evaluation.misclassified, columns=["source", "architecture", "init", "compound",
+                                                                "concentration", "true", "predicted"]),
+                out_dir / "misclassified_treatments.csv")
+    write_table(pd.DataFrame(evaluation.recall, columns=["architecture", "init", "moa", "recall"]),
+                out_dir / "per_moa_recall.csv")
+    conformal = pd.concat(evaluation.conformal) if evaluation.conformal else pd.DataFrame(
+        columns=["significance", "class", "n", "coverage", "mean_set_size", "level", "architecture", "init"])
+    write_table(conformal, out_dir / "conformal.csv")
+    summary = evaluation.summary()
+    write_json(summary, out_dir / "summary.json")
+    return summary
+
+
+def plot_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike) -> None:
+    """The evaluation's figures into ``out_dir``: confusion matrices and learning curves."""
+    out_dir = Path(out_dir)
+    several = len(evaluation.seeds) > 1
+    for (architecture, init, level), matrix in evaluation.confusions.items():
+        plot_confusion(matrix, out_dir / f"confusion_{level}_{architecture}_{init}.png",
+                       f"{architecture} ({init}), {level} level, all folds"
+                       + (f", seed {evaluation.seeds[0]} of {len(evaluation.seeds)}" if several else ""))
+    for architecture, matrix in evaluation.published.items():
+        plot_confusion(matrix, out_dir / f"confusion_treatment_{architecture}_published.png",
+                       f"{architecture}, the authors' predictions, treatment level")
+    plot_learning_curves(evaluation.histories, out_dir / "learning_curves.png", "Held-out compound accuracy per epoch")
+
+
+def evaluate_published(published: pd.DataFrame, evaluation: Evaluation) -> None:
+    """Add an external predictions table to ``evaluation``, per architecture (its ``architecture`` column), at
+    its own level and every coarser one: rows, treatment-level confusion matrices and misclassified units."""
     groups = published.groupby("architecture") if "architecture" in published else [("external", published)]
     finest = LEVELS.index(level_of(published))
-    results = {}
     for architecture, frame in groups:
         classes = [c[2:] for c in probability_columns(frame)]
-        results[architecture] = {}
         for level in LEVELS[finest:]:
             aggregated = aggregate(frame, level)
-            results[architecture][level] = accuracy(aggregated)
-            rows.append({"source": "published predictions", "architecture": architecture, "init": "published",
-                         "level": level, "n": len(aggregated), "seeds": 1,
-                         "accuracy_percent": 100 * accuracy(aggregated), "sd_percent": None,
-                         "paper_percent": PAPER_TREATMENT_ACCURACY.get(architecture) if level == "treatment" else None})
+            evaluation.scores.append({"source": "published predictions", "architecture": architecture,
+                                      "init": "published", "level": level, "seed": 0, "n": len(aggregated),
+                                      "model_selection": "", "accuracy_percent": 100 * accuracy(aggregated)})
             if level == "treatment":
-                matrix = confusion(aggregated, classes)
-                matrix.to_csv(out_dir / f"confusion_treatment_{architecture}_published.csv")
-                plot_confusion(matrix, out_dir / f"confusion_treatment_{architecture}_published.png",
-                               f"{architecture}, the authors' predictions, treatment level")
-                misclassified += _misclassified(aggregated, source="published predictions",
-                                                architecture=architecture, init="published")
-    return results
+                evaluation.published[architecture] = confusion(aggregated, classes)
+                evaluation.misclassified += _misclassified(aggregated, source="published predictions",
+                                                           architecture=architecture, init="published")
 
 
-def evaluate_external(predictions: str | os.PathLike, out_dir, log=stderr) -> dict:
-    """`evaluate_published` of a predictions table on its own (``moaflow evaluate --predictions``)."""
-    rows, misclassified = [], []
-    results = evaluate_published(load_predictions(predictions), out_dir, rows, misclassified)
-    pd.DataFrame(rows).to_csv(Path(out_dir) / "accuracy.csv", index=False)
-    pd.DataFrame(misclassified).to_csv(Path(out_dir) / "misclassified_treatments.csv", index=False)
-    write_json({"predictions": str(predictions), "accuracy": results}, Path(out_dir) / "summary.json")
-    for architecture, levels in results.items():
+def evaluate_external(predictions: str | os.PathLike, out_dir: str | os.PathLike, log=stderr) -> dict:
+    """Evaluate a predictions table on its own, at its own level and every coarser one.
+
+    Parameters
+    ----------
+    predictions : path
+        CSV or parquet: crop, image or treatment rows (the level named by its columns), class probabilities
+        as ``p_<class>`` or class-named columns, the true class as ``true`` or ``moa``.
+    out_dir : path
+        Where the accuracy table, misclassified units, confusion matrices and summary go.
+    """
+    evaluation = Evaluation(dataset=str(predictions), folds=0, seeds=[0])
+    evaluate_published(load_predictions(predictions), evaluation)
+    summary = write_evaluation(evaluation, out_dir)
+    plot_evaluation(evaluation, out_dir)
+    for architecture, levels in summary["accuracy"].get("published", {}).items():
         log(f"{architecture}: " + ", ".join(f"{level} {100 * value:.2f} %" for level, value in levels.items()))
-    return results
+    return summary
 
 
-def evaluate_bbbc014(models_dir, folds: pd.DataFrame, architectures: list[str], inits: list[str], out_dir,
-                     seeds: list[int] = (0,)) -> dict:
+def evaluate_bbbc014(folds: pd.DataFrame, networks: list[tuple[str, str]], out_dir, *, seeds: list[int],
+                     root: str = layout.ROOT) -> dict:
     """Well-level accuracy per fold (cell line), architecture and seed: mean crop probability >= 0.5."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for architecture, init, seed in ((a, i, s) for a in architectures for i in inits for s in seeds):
-        test, _, _ = load_runs(models_dir, architecture, init, list(folds["fold"]), seed)
+    for architecture, init, seed in ((a, i, s) for a, i in networks for s in seeds):
+        test, _, _ = load_runs(layout.seed_dir("bbbc014", architecture, init, seed, root), list(folds["fold"]))
         wells = test.groupby(["fold", "cell_line", "well"], as_index=False).agg(
             p=("p_positive", "mean"), label=("label", "first"))
         wells["predicted"] = (wells["p"] >= 0.5).astype(int)
@@ -461,42 +335,60 @@ def evaluate_bbbc014(models_dir, folds: pd.DataFrame, architectures: list[str], 
                          "test_cell_line": line, "wells": len(part),
                          "accuracy_percent": 100 * float((part["predicted"] == part["label"]).mean())})
     table = pd.DataFrame(rows)
-    table.to_csv(out_dir / "well_accuracy.csv", index=False)
+    write_table(table, out_dir / "well_accuracy.csv")
     headline = {"dataset": "bbbc014", "well_accuracy_percent": {
         f"{r.architecture}/{r.init}/seed-{r.seed}/{r.fold}": r.accuracy_percent for r in table.itertuples()}}
     write_json(headline, out_dir / "summary.json")
     return headline
 
 
-def deviations(run: dict[str, str], paper: dict[str, str]) -> pd.DataFrame:
-    """Each setting of this run beside the paper's, flagged where they differ (both from `moaflow.study`)."""
-    return pd.DataFrame([{"setting": k, "paper": paper.get(k, ""), "this run": run.get(k, ""),
-                          "differs": str(paper.get(k, "")) != str(run.get(k, ""))}
-                         for k in dict.fromkeys([*paper, *run])])
-
-
-def evaluate_dataset(dataset: str, models_dir, folds_path, architectures: list[str], inits: list[str], out_dir, *,
-                     seeds: list[int] = (0,), significances: list[float] = (0.05, 0.1, 0.2),
-                     settings: dict | None = None, data_receipt: str | os.PathLike | None = None,
-                     published: str | os.PathLike | None = None, log=stderr) -> dict:
+def evaluate_dataset(dataset: str, folds: str | os.PathLike, networks: list[list[str]], out_dir: str | os.PathLike,
+                     *, seeds: list[int], significance_levels: list[float],
+                     settings: dict | None = None, paper: dict | None = None,
+                     paper_folds: str | os.PathLike | None = None, image_csv: str | None = None,
+                     published: str | os.PathLike | None = None, root: str = layout.ROOT, log=stderr) -> dict:
     """Evaluate a dataset's trained folds into ``out_dir`` (what the evaluate rule runs).
 
-    ``settings`` (the config's relevant parts) and the image table's download
-    receipt build the deviations-from-the-paper table; ``published`` adds the
-    authors' predictions.
+    Parameters
+    ----------
+    dataset : str
+        bbbc014 (translocation), or a MoA dataset (bbbc021, a crops dataset).
+    folds : path
+        The checked folds.
+    networks : list of (architecture, initialisation)
+        The trained networks.
+    out_dir : path
+        The evaluation folder (tables, figures, ``summary.json``).
+    seeds : list of int
+        With several, accuracies are means over seeds with their SD.
+    significance_levels : list of float
+        Of the conformal prediction sets.
+    settings, paper : dict, optional
+        The run's and the defaults' settings (`moaflow.analysis.deviations.settings_of`): the
+        deviations-from-the-paper table.
+    paper_folds : path, optional
+        The paper's (shipped) folds, for that table.
+    image_csv : path, optional
+        The image table's CSV, whose download receipt says whether it was the Broad's published file.
+    published : path, optional
+        The authors' predictions, shown beside the run's.
     """
-    from moaflow.learn import folds
-    from moaflow import study
+    from moaflow.analysis import deviations
+    from moaflow.learn.folds import read_folds
 
-    table = folds.read_folds(folds_path)
+    table = read_folds(folds)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     if dataset == "bbbc014":
-        summary = evaluate_bbbc014(models_dir, table, architectures, inits, out_dir, seeds=seeds)
-    else:
-        summary = evaluate_bbbc021(models_dir, table, architectures, inits, out_dir, significances, seeds=seeds,
-                                   published=load_predictions(published) if published else None)
-        if settings:   # the study's dataset: its deviations from the paper
-            receipt = json.loads(Path(data_receipt).read_text()) if data_receipt else None
-            run = study.run_settings(settings, table, receipt)
-            write_table(deviations(run, study.paper_settings()), Path(out_dir) / "deviations.csv")
+        return evaluate_bbbc014(table, networks, out_dir, seeds=seeds, root=root)
+    evaluation = evaluate_runs(dataset, table, [tuple(n) for n in networks], seeds=seeds,
+                               significance_levels=significance_levels,
+                               published=load_predictions(published) if published else None, root=root)
+    summary = write_evaluation(evaluation, out_dir)
+    plot_evaluation(evaluation, out_dir)
+    if settings:   # the study's dataset: its deviations from the paper
+        run = deviations.describe(settings, table, deviations.data_description(
+            layout.receipt(image_csv) if image_csv else None))
+        reference = deviations.describe(paper, read_folds(paper_folds), deviations.PUBLISHED_DATA)
+        write_table(deviations.deviations(run, reference), Path(out_dir) / "deviations.csv")
     log(f"evaluation written to {out_dir}")
     return summary

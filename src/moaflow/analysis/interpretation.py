@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from moaflow import layout
 from moaflow.files import save_figure
 from moaflow.logs import stderr
 from moaflow.study import BBBC021_STORED_ORDER
@@ -87,22 +88,43 @@ def plot_maps(images: np.ndarray, maps: np.ndarray, labels: list[str], path, tit
     save_figure(fig, path, dpi=70)
 
 
-def interpret_run(models_dir: str | os.PathLike, store, path, *, architecture: str, per_class: int = 2,
-                  channel_names=BBBC021_STORED_ORDER, log=stderr) -> None:
-    """Occlusion maps of a few held-out crops per MoA, as the training job computed them with the model of
-    the fold that held each crop out (``test_occlusion.npz``), in one figure."""
+def interpret_run(models_dir: str | os.PathLike, store: str | os.PathLike, output: str | os.PathLike, *,
+                  architecture: str, per_class: int, channel_names: list[str], log=stderr) -> None:
+    """Figure of the occlusion maps the training jobs computed: a few held-out crops per MoA, each mapped by
+    the model of the fold that held it out.
+
+    Parameters
+    ----------
+    models_dir : path
+        One trained network's folder (every fold of an architecture, initialisation and seed).
+    store : path
+        The crop store the network trained on (the crops are drawn from it).
+    output : path
+        The figure.
+    architecture : str
+        For the title.
+    per_class : int
+        Crops per MoA (``profiling.examples_per_moa``).
+    channel_names : list of str
+        The store's channels in order, as the figure names them.
+    """
+    from moaflow.learn.feeder import open_store
+
     models_dir = Path(models_dir)
-    folds = sorted(p.parent for p in models_dir.glob("*/test_occlusion.npz"))
-    if not folds:
-        raise FileNotFoundError(f"{models_dir}: no test_occlusion.npz in any fold (profiling.examples_per_moa)")
-    predictions = pd.concat([pd.read_parquet(f / "test_predictions.parquet") for f in folds], ignore_index=True)
+    folders = sorted(p.parent for p in models_dir.glob(f"*/{layout.FOLD_FILES['test_occlusion']}"))
+    if not folders:
+        raise FileNotFoundError(f"{models_dir}: no {layout.FOLD_FILES['test_occlusion']} in any fold "
+                                "(profiling.examples_per_moa)")
+    predictions = pd.concat([pd.read_parquet(layout.fold_file(f, "test_predictions")) for f in folders],
+                            ignore_index=True)
     maps = {}
-    for folder in folds:
-        with np.load(folder / "test_occlusion.npz") as data:
+    for folder in folders:
+        with np.load(layout.fold_file(folder, "test_occlusion")) as data:
             maps.update(zip(data["crop_id"].tolist(), data["maps"]))
     examples = pick_examples(predictions[predictions["crop_id"].isin(list(maps))], per_class)
     labels = [f"{t}\n{c} {k:g}" for t, c, k in zip(examples["true"], examples["compound"], examples["concentration"])]
     crop_ids = examples["crop_id"].to_numpy()
-    plot_maps(np.asarray(store[crop_ids]), np.stack([maps[i] for i in crop_ids]), labels, path,
+    crops = open_store(store, log=log)
+    plot_maps(np.asarray(crops[crop_ids]), np.stack([maps[i] for i in crop_ids]), labels, output,
               f"{architecture}: where held-out crops' true MoA is read (occlusion maps)", channel_names)
-    log(f"occlusion maps of {len(labels)} held-out crops -> {path}")
+    log(f"occlusion maps of {len(labels)} held-out crops -> {output}")

@@ -25,19 +25,19 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from moaflow import layout
 from moaflow.files import save_figure, write_json, write_table
 from moaflow.logs import stderr
 
-#: profiling.normalisation values that normalise features to each plate's DMSO crops.
-CONTROL_NORMALISATIONS = ("dmso_center", "dmso_sphere")
-#: Every profiling.normalisation value.
-NORMALISATIONS = ("none", "standardize", *CONTROL_NORMALISATIONS)
-
+#: Crops per forward pass when embedding (inference only: any size gives the same features).
+BATCH_SIZE = 64
 #: Identity columns of a crop, well and treatment profile.
 TREATMENT_KEYS = ["compound", "concentration"]
 WELL_KEYS = ["plate", "well"]
@@ -58,8 +58,8 @@ def fold_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, log=stde
     """
     frames = []
     for fold in folds["fold"]:
-        crops = pd.read_parquet(Path(models_dir) / fold / "test_predictions.parquet")
-        features = np.load(Path(models_dir) / fold / "test_embeddings.npy")
+        crops = pd.read_parquet(layout.fold_file(Path(models_dir) / fold, "test_predictions"))
+        features = np.load(layout.fold_file(Path(models_dir) / fold, "test_embeddings"))
         if len(features) != len(crops):
             raise ValueError(f"{models_dir}/{fold}: {len(features)} embeddings for {len(crops)} held-out crops")
         frames.append(pd.concat([crops.drop(columns=[c for c in crops if c.startswith("p_")]).assign(fold=fold),
@@ -70,27 +70,24 @@ def fold_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, log=stde
     return frame
 
 
-def imagenet_feature_model(architecture: str, weights: str | os.PathLike, input_size: int):
-    """The architecture's ImageNet weights, untrained, from uint8 crops to pooled features (the study's
-    input transform: reversed channels, raw 0..255)."""
-    import keras
+def imagenet_feature_model(architecture: str, weights: str | os.PathLike, input_size: int, *, channel_order: str,
+                           input_scaling: str):
+    """The architecture's ImageNet weights, untrained, from uint8 crops to pooled features.
 
-    from moaflow.learn.models import backbone, input_transform
+    ``channel_order`` and ``input_scaling`` are the run's hyper-parameters (``pretrained``: the scaling the
+    weights were trained on), so these features see the crops as the trained networks do.
+    """
+    from moaflow.learn.models import build_model, embedding_model
 
-    kernel, bias = input_transform("reversed", "raw")
-    inputs = keras.Input((input_size, input_size, 3), dtype="uint8")
-    x = keras.layers.Rescaling(1.0, dtype="float32")(inputs)
-    transform = keras.layers.Conv2D(3, 1, trainable=False, dtype="float32")
-    x = transform(x)
-    transform.set_weights([kernel, bias])
-    return keras.Model(inputs, backbone(architecture, input_size, weights)(x))
+    return embedding_model(build_model(architecture, input_size, 2, weights=str(weights), augmentation=False,
+                                       channel_order=channel_order, input_scaling=input_scaling))
 
 
-def embed(model, index: pd.DataFrame, store, batch_size: int = 64) -> pd.DataFrame:
+def embed(model, index: pd.DataFrame, store) -> pd.DataFrame:
     """``index`` with the features ``model`` gives every crop of ``store`` (``f_0 ... f_k``)."""
     from moaflow.learn.feeder import predict
 
-    features = predict(model, store, np.arange(len(index)), batch_size)
+    features = predict(model, store, np.arange(len(index)), BATCH_SIZE)
     return pd.concat([index.reset_index(drop=True),
                       pd.DataFrame(features, columns=[f"f_{i}" for i in range(features.shape[1])])], axis=1)
 
@@ -142,9 +139,8 @@ def sphering_matrix(covariance: np.ndarray, regularisation: float) -> np.ndarray
     return (vectors / np.sqrt(floor)) @ vectors.T
 
 
-def normalise_to_controls(features: np.ndarray, plates, statistics: dict, *, method: str,
-                          regularisation: float = 0.01) -> np.ndarray:
-    """Features normalised to their plate's DMSO crops, as embedded by the same model.
+def center_on_controls(features: np.ndarray, plates, statistics: dict, regularisation: float = 0.0) -> np.ndarray:
+    """Each row minus its plate's DMSO mean (``dmso_center``).
 
     Parameters
     ----------
@@ -153,28 +149,72 @@ def normalise_to_controls(features: np.ndarray, plates, statistics: dict, *, met
         Each row's plate; every one must have DMSO statistics.
     statistics : dict
         From `control_statistics` of the same model's DMSO features.
-    method : {"dmso_center", "dmso_sphere"}
-        ``dmso_center`` subtracts the plate's DMSO mean; ``dmso_sphere`` then
-        whitens with `sphering_matrix` of the DMSO covariance.
     regularisation : float
-        See `sphering_matrix`.
+        Unused (the signature every control normalisation shares).
     """
-    if method not in CONTROL_NORMALISATIONS:
-        raise ValueError(f"method={method!r}: expected one of {', '.join(CONTROL_NORMALISATIONS)}")
     plates = np.asarray(plates).astype(str)
     names = np.asarray(statistics["plates"]).astype(str)
     missing = sorted(set(plates) - set(names))
     if missing:
-        raise ValueError(f"no DMSO crops for plate(s) {', '.join(missing)}: cannot normalise their crops to "
-                         f"DMSO (profiling.normalisation {method})")
-    centred = np.asarray(features, dtype=np.float64) - statistics["means"][np.searchsorted(names, plates)]
-    if method == "dmso_center":
-        return centred
-    return centred @ sphering_matrix(statistics["covariance"], regularisation)
+        raise ValueError(f"no DMSO crops for plate(s) {', '.join(missing)}: cannot normalise their crops to DMSO")
+    return np.asarray(features, dtype=np.float64) - statistics["means"][np.searchsorted(names, plates)]
+
+
+def sphere_to_controls(features: np.ndarray, plates, statistics: dict, regularisation: float) -> np.ndarray:
+    """`center_on_controls`, then whitened with `sphering_matrix` of the DMSO covariance (``dmso_sphere``)."""
+    return center_on_controls(features, plates, statistics) @ sphering_matrix(statistics["covariance"], regularisation)
+
+
+def standardize(values: np.ndarray) -> np.ndarray:
+    """Each column centred and scaled over all rows (treatment profiles, ``standardize``)."""
+    return (values - values.mean(0)) / np.where(values.std(0) > 0, values.std(0), 1)
+
+
+@dataclass(frozen=True)
+class FeatureNormalisation:
+    """One way to normalise network features before profiles are compared (``profiling.feature_normalisation``).
+
+    Attributes
+    ----------
+    description : str
+        In words, for the literature table and the report; ``{regularisation}`` is filled in.
+    controls : callable, optional
+        ``controls(features, plates, statistics, regularisation)``: applied to every crop's features
+        with the DMSO statistics of its plate, embedded by the same model (it needs the DMSO crops).
+    profiles : callable, optional
+        ``profiles(values)``: applied to the treatment profiles.
+    """
+
+    description: str
+    controls: Callable | None = None
+    profiles: Callable | None = None
+
+    @property
+    def needs_controls(self) -> bool:
+        return self.controls is not None
+
+
+#: The feature normalisations by name: add one here (and its test).
+FEATURE_NORMALISATIONS = {
+    "none": FeatureNormalisation("none"),
+    "standardize": FeatureNormalisation("standardize (each feature over all treatments)", profiles=standardize),
+    "dmso_center": FeatureNormalisation("dmso_center (crops centred on their plate's DMSO crops)",
+                                        controls=center_on_controls),
+    "dmso_sphere": FeatureNormalisation("dmso_sphere (crops centred on their plate's DMSO crops, then sphered with "
+                                        "the DMSO covariance, regularisation {regularisation:g})",
+                                        controls=sphere_to_controls),
+}
+
+
+def normalisation_method(name: str) -> FeatureNormalisation:
+    """The registered feature normalisation ``name``, or an error naming the registered ones."""
+    if name not in FEATURE_NORMALISATIONS:
+        raise ValueError(f"feature_normalisation={name!r}: expected one of {', '.join(FEATURE_NORMALISATIONS)}")
+    return FEATURE_NORMALISATIONS[name]
 
 
 def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index: pd.DataFrame, store,
-                       output: str | os.PathLike, *, batch_size: int = 64, log=stderr) -> None:
+                       output: str | os.PathLike, *, log=stderr) -> None:
     """Embed the DMSO crops with every fold's trained model and keep what normalising needs.
 
     Each fold's model embeds its held-out crops (`fold_embeddings`), so the DMSO
@@ -194,11 +234,11 @@ def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index
     plates = None
     names = list(folds["fold"])
     for n, fold in enumerate(names, 1):
-        path = Path(models_dir) / fold / "model.keras"
+        path = layout.fold_file(Path(models_dir) / fold, "model")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: fold {fold}'s trained model is missing (its training job has not "
                                     f"finished)")
-        features = predict(embedding_model(load_model(path)), store, np.arange(len(index)), batch_size)
+        features = predict(embedding_model(load_model(path)), store, np.arange(len(index)), BATCH_SIZE)
         statistics = control_statistics(features, index["plate"])
         keras.backend.clear_session()   # one model at a time in memory
         if plates is None:
@@ -214,6 +254,35 @@ def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index
                      covariance=np.stack(gathered["covariance"]).astype(np.float32))
 
 
+def embed_controls(models_dir: str | os.PathLike, folds: str | os.PathLike, index: str | os.PathLike,
+                   store: str | os.PathLike, output: str | os.PathLike, *, gpus: int, allow_cpu: bool,
+                   log=stderr) -> None:
+    """Embed the DMSO crops with every fold's trained model (`control_embeddings`): the embed_controls rule.
+
+    Parameters
+    ----------
+    models_dir : path
+        One trained network's folder (``results/<dataset>/models/<architecture>/<init>/seed-<n>``).
+    folds : path
+        The checked folds.
+    index, store : path
+        The DMSO crops' index and their store at the architecture's input size.
+    output : path
+        ``.npz`` of per-fold DMSO statistics.
+    gpus, allow_cpu
+        As the training job's (`moaflow.learn.devices.check_devices`).
+    """
+    from moaflow.learn.devices import check_devices, prepare_environment
+
+    prepare_environment(gpus)
+    check_devices(gpus, allow_cpu, log)
+    from moaflow.learn.feeder import open_store
+    from moaflow.learn.folds import read_folds
+
+    control_embeddings(models_dir, read_folds(folds), pd.read_parquet(index), open_store(store, log=log), output,
+                       log=log)
+
+
 def read_control_statistics(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     """`control_embeddings`'s file as fold name -> `control_statistics`."""
     with np.load(path) as data:
@@ -222,15 +291,12 @@ def read_control_statistics(path: str | os.PathLike) -> dict[str, dict[str, np.n
                 for k, fold in enumerate(data["folds"])}
 
 
-def treatment_profiles(crops: pd.DataFrame, *, statistic: str = "mean", normalisation: str = "none") -> pd.DataFrame:
+def treatment_profiles(crops: pd.DataFrame, *, statistic: str) -> pd.DataFrame:
     """Well profiles (the ``statistic`` of a well's crops), then treatment profiles (of its wells).
 
     Parameters
     ----------
     statistic : {"mean", "median"}
-    normalisation : {"none", "standardize"}
-        ``standardize``: each feature centred and scaled over all treatments.
-        (Normalising to DMSO happens before, on the crops: `normalise_to_controls`.)
 
     Returns
     -------
@@ -248,11 +314,6 @@ def treatment_profiles(crops: pd.DataFrame, *, statistic: str = "mean", normalis
     profiles = pd.concat([by_treatment["moa"].first(),
                           by_treatment["batch"].agg(lambda b: ";".join(sorted(set(map(str, b))))).rename("batches"),
                           by_treatment[features].agg(statistic)], axis=1).reset_index()
-    if normalisation == "standardize":
-        values = profiles[features].to_numpy()
-        profiles[features] = (values - values.mean(0)) / np.where(values.std(0) > 0, values.std(0), 1)
-    elif normalisation != "none":
-        raise ValueError(f"normalisation={normalisation!r}: expected 'none' or 'standardize'")
     return profiles
 
 
@@ -338,67 +399,53 @@ def plot_profile_map(profiles: dict[str, pd.DataFrame], path: str | os.PathLike)
     save_figure(fig, path)
 
 
-def profile_dataset(dataset: str, models_root: str | os.PathLike, folds_path, index_path, store_paths: dict,
-                    architectures: list[str], inits: list[str], out_dir, *, seed: int = 0,
-                    imagenet_weights: dict | None = None, statistic: str = "mean", normalisation: str = "none",
-                    controls: dict | None = None, control_index_path=None, control_store_paths: dict | None = None,
-                    sphering_regularisation: float = 0.01, log=stderr) -> dict:
-    """Embeddings, treatment profiles, NSC/NSCB per source, the literature table and the map (the rule).
+def _trained_sources(dataset, networks, seed, folds, method, controls, regularisation, root, log):
+    """(source, crop features) of each trained network, each fold's crops normalised with its own statistics."""
+    for architecture, init in networks:
+        source = f"{architecture}/{init}"
+        crops = fold_embeddings(layout.seed_dir(dataset, architecture, init, seed, root), folds, log)
+        if method.needs_controls:
+            crops = _normalised_to_controls(crops, read_control_statistics(controls[source]), method,
+                                            regularisation, source, log)
+        yield source, crops
 
-    With a DMSO ``normalisation``, ``controls`` maps each trained source
-    (``architecture/init``) to its `control_embeddings` file; the ImageNet
-    sources embed the DMSO crops (``control_index_path``, ``control_store_paths``) here.
-    """
-    from moaflow.learn import folds as folds_module
+
+def _imagenet_sources(index, stores, imagenet_weights, inputs, method, control_index, control_stores,
+                      regularisation, log):
+    """(source, crop features) of each architecture's untrained ImageNet weights (one model embeds every crop,
+    the DMSO crops included)."""
     from moaflow.learn.feeder import open_store, predict
 
-    if normalisation not in NORMALISATIONS:
-        raise ValueError(f"normalisation={normalisation!r}: expected one of {', '.join(NORMALISATIONS)}")
-    to_controls = normalisation in CONTROL_NORMALISATIONS
-    out_dir = Path(out_dir)
-    folds = folds_module.read_folds(folds_path)
-    index = pd.read_parquet(index_path)
-    control_index = pd.read_parquet(control_index_path) if to_controls else None
-    sources: dict[str, pd.DataFrame] = {}
+    for architecture, weights in imagenet_weights.items():
+        source = f"{architecture}/imagenet features"
+        store = open_store(stores[architecture], log=log)
+        model = imagenet_feature_model(architecture, weights, store.shape[1], **inputs[architecture])
+        crops = embed(model, index, store)
+        log(f"ImageNet features of {architecture}: {len(index)} crops")
+        if method.needs_controls:
+            dmso = predict(model, open_store(control_stores[architecture], log=log), np.arange(len(control_index)),
+                           BATCH_SIZE)
+            log(f"ImageNet features of {architecture}: {len(control_index)} DMSO crops")
+            crops = _normalised_to_controls(crops, {None: control_statistics(dmso, control_index["plate"])}, method,
+                                            regularisation, source, log)
+        yield source, crops
 
-    def normalised(source: str, crops: pd.DataFrame, statistics: dict) -> pd.DataFrame:
-        # Right away, source by source: the statistics of one source's folds can take a GB of memory.
-        if not to_controls:
-            return crops
-        log(f"{source}: features normalised to the DMSO crops of their plate ({normalisation}"
-            + (f", regularisation {sphering_regularisation:g}" if normalisation == "dmso_sphere" else "") + ")")
-        return _normalised_to_controls(crops, statistics, normalisation, sphering_regularisation)
 
-    for architecture in architectures:
-        for init in inits:
-            models = Path(models_root) / architecture / init / f"seed-{seed}"
-            source = f"{architecture}/{init}"
-            sources[source] = normalised(source, fold_embeddings(models, folds, log),
-                                         read_control_statistics(controls[source]) if to_controls else {})
-        if imagenet_weights and architecture in imagenet_weights:
-            source = f"{architecture}/imagenet features"
-            store = open_store(store_paths[architecture], log=log)
-            model = imagenet_feature_model(architecture, imagenet_weights[architecture], store.shape[1])
-            crops = embed(model, index, store)
-            log(f"ImageNet features of {architecture}: {len(index)} crops")
-            statistics = {}
-            if to_controls:
-                dmso = predict(model, open_store(control_store_paths[architecture], log=log),
-                               np.arange(len(control_index)), 64)
-                statistics = {None: control_statistics(dmso, control_index["plate"])}
-                log(f"ImageNet features of {architecture}: {len(control_index)} DMSO crops")
-            sources[source] = normalised(source, crops, statistics)
+def score_sources(sources, *, statistic: str, method: FeatureNormalisation, log=stderr):
+    """Treatment profiles and NSC/NSCB of each source: (scores rows, profiles by source, matches)."""
     rows, profiles, all_matches = [], {}, []
-    for source, crops in sources.items():
+    for source, crops in sources:
         broken = int((~np.isfinite(crops[feature_columns(crops)].to_numpy())).any(axis=1).sum())
         if broken:
             # A NaN distance would pick an arbitrary neighbour: stop instead of scoring noise.
-            raise ValueError(f"{source}: {broken} of {len(crops)} crops have non-finite (NaN or inf) features"
-                             + (f" after {normalisation}" if to_controls else ""))
-        profiles[source] = treatment_profiles(crops, statistic=statistic,
-                                              normalisation="none" if to_controls else normalisation)
+            raise ValueError(f"{source}: {broken} of {len(crops)} crops have non-finite (NaN or inf) features")
+        frame = treatment_profiles(crops, statistic=statistic)
+        if method.profiles is not None:
+            features = feature_columns(frame)
+            frame[features] = method.profiles(frame[features].to_numpy())
+        profiles[source] = frame
         for name, not_same_batch in (("NSC", False), ("NSCB", True)):
-            matches, counts = nearest_neighbour_moa(profiles[source], not_same_batch=not_same_batch)
+            matches, counts = nearest_neighbour_moa(frame, not_same_batch=not_same_batch)
             accuracy = float(matches["correct"].mean()) if len(matches) else float("nan")
             rows.append({"source": source, "score": name, "accuracy_percent": 100 * accuracy, **counts,
                          "left_out_moas": ", ".join(counts["left_out_moas"])})
@@ -406,11 +453,91 @@ def profile_dataset(dataset: str, models_root: str | os.PathLike, folds_path, in
             log(f"{source}: {name} {100 * accuracy:.1f} % over {counts['scored']} treatments"
                 + (f" ({len(counts['left_out_moas'])} MoA(s) in a single batch left out)"
                    if counts["left_out_moas"] else ""))
+    return rows, profiles, all_matches
+
+
+def profile_dataset(dataset: str, folds: str | os.PathLike, index: str | os.PathLike, stores: dict,
+                    networks: list[list[str]], out_dir: str | os.PathLike, *, seed: int,
+                    statistic: str, feature_normalisation: str, sphering_regularisation: float, inputs: dict,
+                    imagenet_weights: dict | None = None, controls: dict | None = None,
+                    control_index: str | os.PathLike | None = None, control_stores: dict | None = None,
+                    root: str = layout.ROOT, log=stderr) -> dict:
+    """Embeddings, treatment profiles, NSC/NSCB per source, the literature table and the map (the rule).
+
+    Parameters
+    ----------
+    dataset : str
+        The dataset's name (the layout's folders, the tables' captions).
+    folds, index : path
+        The checked folds and the crop index.
+    stores : dict
+        Architecture -> its crop store (the ImageNet sources embed every crop).
+    networks : list of (architecture, initialisation)
+        The trained networks; their held-out crops' features are read from each fold's folder.
+    out_dir : path
+        ``nsc_nscb.csv``, ``matches.csv``, ``literature.csv``, ``profile_map.png``, ``summary.json``.
+    seed : int
+        Which seed's networks.
+    statistic : {"mean", "median"}
+        Of a well's crops, then of a treatment's wells.
+    feature_normalisation : str
+        A name of `FEATURE_NORMALISATIONS`.
+    sphering_regularisation : float
+        See `sphering_matrix`.
+    inputs : dict
+        Architecture -> ``{"channel_order", "input_scaling"}`` (the run's hyper-parameters), for the ImageNet
+        sources.
+    imagenet_weights : dict, optional
+        Architecture -> its ImageNet weights file: adds the "ImageNet features, no training" source.
+    controls : dict, optional
+        With a normalisation that needs DMSO: source (``architecture/init``) -> its `control_embeddings` file.
+    control_index : path, optional
+        The DMSO crops' index.
+    control_stores : dict, optional
+        Architecture -> its DMSO crop store (for the ImageNet sources).
+    """
+    from moaflow.learn import folds as folds_module
+
+    method = normalisation_method(feature_normalisation)
+    if method.needs_controls:
+        _check_controls(networks, imagenet_weights or {}, controls or {}, control_index, control_stores or {},
+                        feature_normalisation)
+    fold_table = folds_module.read_folds(folds)
+    crop_index = pd.read_parquet(index)
+    dmso_index = pd.read_parquet(control_index) if method.needs_controls else None
+    sources = [*_trained_sources(dataset, networks, seed, fold_table, method, controls or {},
+                                 sphering_regularisation, root, log),
+               *_imagenet_sources(crop_index, stores, imagenet_weights or {}, inputs, method, dmso_index,
+                                  control_stores or {}, sphering_regularisation, log)]
+    rows, profiles, matches = score_sources(sources, statistic=statistic, method=method, log=log)
+    return _write_profiling(dataset, rows, profiles, matches, out_dir, statistic=statistic,
+                            normalisation=feature_normalisation, regularisation=sphering_regularisation)
+
+
+def _check_controls(networks, imagenet_weights, controls, control_index, control_stores, name) -> None:
+    """A normalisation to DMSO needs each network's DMSO statistics, the DMSO crops' index and, for the ImageNet
+    sources, the DMSO crop stores: name what is missing."""
+    missing = [f"the DMSO statistics of {a}/{i} (controls)" for a, i in networks if f"{a}/{i}" not in controls]
+    if control_index is None:
+        missing.append("the DMSO crops' index (control_index)")
+    missing += [f"the DMSO crops of {a} (control_stores)" for a in imagenet_weights if a not in control_stores]
+    if missing:
+        raise ValueError(f"feature_normalisation {name} needs {' and '.join(missing)}")
+
+
+def describe_normalisation(normalisation: str, regularisation: float) -> str:
+    """The feature normalisation in words (the literature table and the report name it)."""
+    return normalisation_method(normalisation).description.format(regularisation=regularisation)
+
+
+def _write_profiling(dataset, rows, profiles, matches, out_dir, *, statistic, normalisation, regularisation) -> dict:
+    """The scores, matches, literature table, profile map and summary, into ``out_dir``."""
+    out_dir = Path(out_dir)
     scores = pd.DataFrame(rows).assign(normalisation=normalisation)
     write_table(scores, out_dir / "nsc_nscb.csv")
-    write_table(pd.concat(all_matches, ignore_index=True), out_dir / "matches.csv")
+    write_table(pd.concat(matches, ignore_index=True), out_dir / "matches.csv")
     ours = scores.pivot_table(index="source", columns="score", values="accuracy_percent").reset_index()
-    setting = describe_normalisation(normalisation, sphering_regularisation)
+    setting = describe_normalisation(normalisation, regularisation)
     table = pd.concat([literature(), pd.DataFrame({"method": "this run: " + ours["source"],
                                                    "nsc_percent": ours.get("NSC"), "nscb_percent": ours.get("NSCB"),
                                                    "source": f"moaflow, {dataset}, profiles: {statistic} per well "
@@ -419,8 +546,8 @@ def profile_dataset(dataset: str, models_root: str | os.PathLike, folds_path, in
     write_table(table, out_dir / "literature.csv")
     plot_profile_map(profiles, out_dir / "profile_map.png")
     settings = {"statistic": statistic, "normalisation": normalisation}
-    if normalisation == "dmso_sphere":
-        settings["sphering_regularisation"] = sphering_regularisation
+    if normalisation_method(normalisation).needs_controls:
+        settings["sphering_regularisation"] = regularisation
     summary = {"dataset": dataset, "profiles": settings, "profiling": {r["source"]: {} for r in rows}}
     for r in rows:
         summary["profiling"][r["source"]][r["score"]] = r["accuracy_percent"]
@@ -428,21 +555,14 @@ def profile_dataset(dataset: str, models_root: str | os.PathLike, folds_path, in
     return summary
 
 
-def describe_normalisation(normalisation: str, regularisation: float) -> str:
-    """The profiling.normalisation setting in words (the literature table and report name it)."""
-    return {"none": "none",
-            "standardize": "standardize (each feature over all treatments)",
-            "dmso_center": "dmso_center (crops centred on their plate's DMSO crops)",
-            "dmso_sphere": f"dmso_sphere (crops centred on their plate's DMSO crops, then sphered with the DMSO "
-                           f"covariance, regularisation {regularisation:g})"}[normalisation]
-
-
-def _normalised_to_controls(crops: pd.DataFrame, statistics: dict, method: str, regularisation: float
-                            ) -> pd.DataFrame:
-    """`normalise_to_controls` per fold: each fold's crops with its own model's DMSO statistics."""
+def _normalised_to_controls(crops: pd.DataFrame, statistics: dict, method: FeatureNormalisation,
+                            regularisation: float, source: str, log=stderr) -> pd.DataFrame:
+    """``method.controls`` per fold: each fold's crops with its own model's DMSO statistics (``None``: one model
+    embedded every crop)."""
+    log(f"{source}: features normalised to the DMSO crops of their plate, {method.description.format(regularisation=regularisation)}")
     features = feature_columns(crops)
     values = np.array(crops[features], dtype=np.float64)   # a writable copy
-    if None in statistics:   # one model embedded every crop
+    if None in statistics:
         parts = [(np.ones(len(crops), bool), statistics[None])]
     else:
         folds = crops["fold"].to_numpy()
@@ -451,7 +571,6 @@ def _normalised_to_controls(crops: pd.DataFrame, statistics: dict, method: str, 
             raise ValueError(f"fold(s) {', '.join(missing)}: no DMSO statistics in the control embeddings file")
         parts = [(folds == fold, statistics[fold]) for fold in pd.unique(folds)]
     for rows, fold_statistics in parts:
-        values[rows] = normalise_to_controls(values[rows], crops.loc[rows, "plate"], fold_statistics,
-                                             method=method, regularisation=regularisation)
+        values[rows] = method.controls(values[rows], crops.loc[rows, "plate"], fold_statistics, regularisation)
     return pd.concat([crops.drop(columns=features), pd.DataFrame(values, columns=features, index=crops.index)],
                      axis=1)

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
+from moaflow import layout
 from moaflow.errors import DownloadError, VerificationError
 from moaflow.files import replace_folder, restore_folder, write_json
 
@@ -301,8 +302,7 @@ def fetch(
     chunk_size : int
         Bytes read per block.
     verify : callable, optional
-        Content check of a complete file; returns a description of what it
-        checked, raises `VerificationError` to reject it.
+        Content check of a complete file: returns what it checked, raises `VerificationError` to reject it.
     size, sha256, md5 : optional
         The published file's size and digests, when known (the config).
     log : callable
@@ -311,38 +311,24 @@ def fetch(
     Returns
     -------
     receipt : dict
-        ``file``, ``bytes``, ``sha256``, ``source`` (the URL, or ``"local copy"``
-        when an existing file passed the checks), ``transferred_bytes``,
-        ``checks`` and ``time``.
+        ``file``, ``bytes``, ``sha256``, ``source`` (the URL, or ``"local copy"`` when an existing file passed
+        the checks), ``transferred_bytes``, ``checks`` and ``time``.
 
     Raises
     ------
     DownloadError
-        No mirror delivered a file that passed the checks; the message lists
-        every mirror's last error. ``destination`` is left as it was.
+        No mirror delivered a file that passed the checks; the message lists every mirror's last error.
+        ``destination`` is left as it was.
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     part = destination.with_name(destination.name + ".part")
-
-    def checks(path: Path) -> list[str]:
-        done = _known(path, size, sha256, md5)
-        if verify is not None:
-            done.append(verify(path))
-        return done
-
-    def receipt(source: str, transferred: int, passed: list[str]) -> dict:
-        if not any(c.startswith("SHA256") for c in passed) and size is None:
-            passed.append("no published size or checksum configured: checked by content only")
-        return {"file": destination.name, "path": str(destination), "bytes": destination.stat().st_size,
-                "sha256": sha256.lower() if sha256 else file_digest(destination), "source": source,
-                "transferred_bytes": transferred, "checks": passed, "time": _now()}
-
+    published = {"size": size, "sha256": sha256, "md5": md5}
     if destination.exists():
         try:
-            passed = checks(destination)
+            passed = _checks(destination, published, verify)
             log(f"{destination}: already present and verified ({'; '.join(passed)}); nothing fetched")
-            return receipt("local copy", 0, passed)
+            return _receipt(destination, "local copy", 0, passed, published)
         except VerificationError as exc:
             log(f"{destination}: present but fails its checks ({exc}); fetching it again "
                 "(the present file is kept until a verified one replaces it)")
@@ -355,7 +341,7 @@ def fetch(
         if received is None:
             continue
         try:
-            passed = checks(part)
+            passed = _checks(part, published, verify)
         except VerificationError as exc:
             failures.append(f"{url}: downloaded but rejected: {exc}")
             log(failures[-1])
@@ -363,8 +349,24 @@ def fetch(
             continue
         os.replace(part, destination)
         log(f"{destination}: complete and verified ({'; '.join(passed)}), {destination.stat().st_size:,} bytes")
-        return receipt(url, received, passed)
+        return _receipt(destination, url, received, passed, published)
     raise DownloadError(f"{destination.name}: no mirror delivered a verified file:\n  " + "\n  ".join(failures))
+
+
+def _checks(path: Path, published: dict, verify) -> list[str]:
+    """The published size and digests, then the content check: what passed, or `VerificationError`."""
+    done = _known(path, published["size"], published["sha256"], published["md5"])
+    if verify is not None:
+        done.append(verify(path))
+    return done
+
+
+def _receipt(destination: Path, source: str, transferred: int, passed: list[str], published: dict) -> dict:
+    if not any(c.startswith("SHA256") for c in passed) and published["size"] is None:
+        passed.append("no published size or checksum configured: checked by content only")
+    return {"file": destination.name, "path": str(destination), "bytes": destination.stat().st_size,
+            "sha256": published["sha256"].lower() if published["sha256"] else file_digest(destination),
+            "source": source, "transferred_bytes": transferred, "checks": passed, "time": _now()}
 
 
 # ------------------------------------------------------------------ extraction
@@ -416,12 +418,10 @@ def extract_archive(
     archive : path
         The zip file.
     target : path
-        Final folder. It is replaced only after every check passed; until then
-        a previous extraction stays as it was.
+        Final folder, replaced only after every check passed (until then a previous extraction stays).
     member_root : str
-        Folder inside the archive whose contents become ``target`` (the real
-        archives hold ``<Plate>/`` or ``BBBC014_v1_images/``). Other members
-        are ignored but still checked for path escapes.
+        Folder inside the archive whose contents become ``target`` (the real archives hold ``<Plate>/`` or
+        ``BBBC014_v1_images/``). Other members are ignored but still checked for path escapes.
     expected : iterable of str, optional
         File names that must be present under ``member_root``.
     expected_count : int, optional
@@ -447,9 +447,8 @@ def extract_archive(
     Raises
     ------
     VerificationError
-        Unsafe member paths (``../``, absolute, symbolic links), a size over the
-        limit, CRC errors, missing expected files or a failed check, each
-        naming the file.
+        Unsafe member paths (``../``, absolute, symbolic links), a size over the limit, CRC errors, missing
+        expected files or a failed check, each naming the file.
     """
     archive, target = Path(archive), Path(target)
     staging = target.with_name(f".{target.name}.partial")
@@ -463,51 +462,10 @@ def extract_archive(
         shutil.rmtree(staging)
     try:
         with zipfile.ZipFile(archive) as zf:
-            members = zf.infolist()
-            for info in members:  # check every name before writing anything
-                _safe_member_path(info.filename, archive)
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    raise VerificationError(f"{archive}: refusing member {info.filename!r}: symbolic link")
-            wanted = [i for i in members
-                      if not i.is_dir() and PurePosixPath(i.filename).parts[:1] == (member_root,)]
-            declared = sum(i.file_size for i in wanted)
-            if declared > max_bytes:
-                biggest = max(wanted, key=lambda i: i.file_size)
-                raise VerificationError(
-                    f"{archive}: members declare {declared / 2**30:.2f} GiB uncompressed (largest {biggest.filename!r}, "
-                    f"{biggest.file_size / 2**30:.2f} GiB), over the limit of {max_bytes / 2**30:.2f} GiB "
-                    "(download.max_extracted_gb); nothing was extracted")
+            wanted = _members_to_extract(zf, archive, member_root, max_bytes)
             staging.mkdir(parents=True)
-            files: dict[str, int] = {}
-            written = 0
-            for n, info in enumerate(wanted, 1):
-                relative = PurePosixPath(*_safe_member_path(info.filename, archive).parts[1:])
-                out_path = staging.joinpath(*relative.parts)
-                out_path.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    with zf.open(info) as src, open(out_path, "wb") as dst:
-                        while block := src.read(1 << 20):
-                            written += len(block)
-                            if written > max_bytes:   # declared sizes are checked above; this guards lying headers
-                                raise VerificationError(f"{archive}: {info.filename!r} expands past the limit of "
-                                                        f"{max_bytes / 2**30:.2f} GiB (download.max_extracted_gb)")
-                            dst.write(block)
-                except zipfile.BadZipFile as exc:
-                    raise VerificationError(f"{archive}: member {info.filename!r} is corrupt ({exc})") from exc
-                if check_file is not None:
-                    check_file(out_path)
-                files[relative.as_posix()] = out_path.stat().st_size
-                if n % 100 == 0 or n == len(wanted):
-                    log(f"{archive.name}: {n}/{len(wanted)} files extracted and checked")
-        if expected is not None:
-            missing = sorted(set(expected) - set(files))
-            if missing:
-                raise VerificationError(f"{archive}: {len(missing)} expected file(s) missing under {member_root}/, "
-                                        f"e.g. {missing[:3]}")
-        if expected_count is not None and len(files) != expected_count:
-            raise VerificationError(f"{archive}: {len(files)} files under {member_root}/, expected {expected_count}")
-        if check_all is not None:
-            check_all([staging / name for name in files])
+            files = _extract_members(zf, wanted, archive, staging, max_bytes, check_file, log)
+        _check_extraction(files, archive, member_root, staging, expected, expected_count, check_all)
         manifest = {"archive": str(archive), "archive_sha256": archive_sha256, "files": files,
                     "bytes": sum(files.values()), "checks_version": EXTRACT_CHECKS_VERSION, "time": _now()}
         write_json(manifest, staging / EXTRACT_MANIFEST)
@@ -519,6 +477,65 @@ def extract_archive(
             shutil.rmtree(staging, ignore_errors=True)
     log(f"{target}: {len(files)} files, {manifest['bytes'] / 1e6:,.1f} MB extracted and verified")
     return {**manifest, "reused": False}
+
+
+def _members_to_extract(zf: zipfile.ZipFile, archive: Path, member_root: str, max_bytes: int) -> list:
+    """The files under ``member_root/``, once every member's name was checked and the declared total fits."""
+    members = zf.infolist()
+    for info in members:  # check every name before writing anything
+        _safe_member_path(info.filename, archive)
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise VerificationError(f"{archive}: refusing member {info.filename!r}: symbolic link")
+    wanted = [i for i in members if not i.is_dir() and PurePosixPath(i.filename).parts[:1] == (member_root,)]
+    declared = sum(i.file_size for i in wanted)
+    if declared > max_bytes:
+        biggest = max(wanted, key=lambda i: i.file_size)
+        raise VerificationError(
+            f"{archive}: members declare {declared / 2**30:.2f} GiB uncompressed (largest {biggest.filename!r}, "
+            f"{biggest.file_size / 2**30:.2f} GiB), over the limit of {max_bytes / 2**30:.2f} GiB "
+            "(download.max_extracted_gb); nothing was extracted")
+    return wanted
+
+
+def _extract_members(zf: zipfile.ZipFile, wanted: list, archive: Path, staging: Path, max_bytes: int,
+                     check_file, log) -> dict[str, int]:
+    """Write ``wanted`` under ``staging`` (without their first folder), checking each; name -> bytes."""
+    files: dict[str, int] = {}
+    written = 0
+    for n, info in enumerate(wanted, 1):
+        relative = PurePosixPath(*_safe_member_path(info.filename, archive).parts[1:])
+        out_path = staging.joinpath(*relative.parts)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with zf.open(info) as src, open(out_path, "wb") as dst:
+                while block := src.read(1 << 20):
+                    written += len(block)
+                    if written > max_bytes:   # declared sizes are checked before; this guards lying headers
+                        raise VerificationError(f"{archive}: {info.filename!r} expands past the limit of "
+                                                f"{max_bytes / 2**30:.2f} GiB (download.max_extracted_gb)")
+                    dst.write(block)
+        except zipfile.BadZipFile as exc:
+            raise VerificationError(f"{archive}: member {info.filename!r} is corrupt ({exc})") from exc
+        if check_file is not None:
+            check_file(out_path)
+        files[relative.as_posix()] = out_path.stat().st_size
+        if n % 100 == 0 or n == len(wanted):
+            log(f"{archive.name}: {n}/{len(wanted)} files extracted and checked")
+    return files
+
+
+def _check_extraction(files: dict, archive: Path, member_root: str, staging: Path, expected, expected_count,
+                      check_all) -> None:
+    """Every expected file present, the expected count, and the check over all files."""
+    if expected is not None:
+        missing = sorted(set(expected) - set(files))
+        if missing:
+            raise VerificationError(f"{archive}: {len(missing)} expected file(s) missing under {member_root}/, "
+                                    f"e.g. {missing[:3]}")
+    if expected_count is not None and len(files) != expected_count:
+        raise VerificationError(f"{archive}: {len(files)} files under {member_root}/, expected {expected_count}")
+    if check_all is not None:
+        check_all([staging / name for name in files])
 
 
 # ------------------------------------------------------------------ the workflow's steps
@@ -594,3 +611,90 @@ def extract_bbbc014_images(archive, target, *, member_root: str, expected_count:
     return extract_archive(archive, target, member_root=member_root, expected_count=expected_count,
                            check_file=lambda p: images.read_gray8(p, max_pixels=max_pixels), max_bytes=max_bytes,
                            archive_sha256=archive_sha256, log=log)
+
+
+# ------------------------------------------------------------------ the download and extraction rules' steps
+
+def _limits(settings: dict) -> dict:
+    return {"max_bytes": int(settings["max_extracted_gb"] * 2**30),
+            "max_pixels": int(settings["max_image_megapixels"] * 1e6)}
+
+
+def _archive_digest(archive) -> str | None:
+    """The archive's SHA-256 from its download receipt, when it has one."""
+    import json
+
+    receipt = Path(layout.receipt(archive))
+    return json.loads(receipt.read_text())["sha256"] if receipt.is_file() else None
+
+
+def download_file(filename: str, destination: str | os.PathLike, *, base_urls: list[str], settings: dict, kind: str,
+                  published: dict | None = None, log: Callable[[str], None] = _log_to_stderr) -> dict:
+    """Make ``destination`` a verified copy of a published file and write its receipt beside it.
+
+    Parameters
+    ----------
+    filename : str
+        The file's name under each of ``base_urls``.
+    destination : path
+        Where the verified file goes (its receipt beside it, ``<destination>.verified.json``).
+    base_urls : list of str
+        Mirrors, tried in order.
+    settings : dict
+        The config's ``download`` section (retries, backoff_seconds, timeout_seconds).
+    kind : str
+        The content check (`content_check`): zip, image_csv, moa_csv, text, weights or file.
+    published : dict, optional
+        The publisher's size and digests (``bytes``, ``sha256``, ``md5``), when known.
+    """
+    receipt = fetch_published(filename, destination, base_urls=base_urls, settings=settings, published=published,
+                              kind=kind, log=log)
+    write_receipt(receipt, layout.receipt(destination), destination)
+    return receipt
+
+
+def extract_plate(archive: str | os.PathLike, target: str | os.PathLike, *, image_csv: str | os.PathLike, plate: str,
+                  settings: dict, log: Callable[[str], None] = _log_to_stderr) -> dict:
+    """Extract and verify one BBBC021 plate's archive into ``target`` and write its receipt beside it.
+
+    Parameters
+    ----------
+    archive : path
+        The plate's downloaded zip (its receipt, when present, gives the digest that lets a rerun reuse the
+        extraction).
+    target : path
+        The plate's image folder, replaced only by a verified extraction.
+    image_csv : path
+        The Broad's image CSV: which TIFFs the plate must hold.
+    plate : str
+        The plate's name (its folder inside the archive).
+    settings : dict
+        The config's ``download`` section (``max_extracted_gb``, ``max_image_megapixels``).
+    """
+    manifest = extract_bbbc021_plate(archive, target, image_csv=image_csv, plate=plate,
+                                     archive_sha256=_archive_digest(archive), log=log, **_limits(settings))
+    write_receipt(manifest, layout.receipt(target), Path(target) / EXTRACT_MANIFEST)
+    return manifest
+
+
+def extract_images(archive: str | os.PathLike, target: str | os.PathLike, *, member_root: str, expected_count: int,
+                   settings: dict, log: Callable[[str], None] = _log_to_stderr) -> dict:
+    """Extract and verify the BBBC014 image archive into ``target`` and write its receipt beside it.
+
+    Parameters
+    ----------
+    archive : path
+        The downloaded zip.
+    target : path
+        The image folder, replaced only by a verified extraction.
+    member_root : str
+        The folder inside the archive that holds the images (``bbbc014.archive_folder``).
+    expected_count : int
+        How many images it must hold (``bbbc014.expected_images``).
+    settings : dict
+        The config's ``download`` section (``max_extracted_gb``, ``max_image_megapixels``).
+    """
+    manifest = extract_bbbc014_images(archive, target, member_root=member_root, expected_count=expected_count,
+                                      archive_sha256=_archive_digest(archive), log=log, **_limits(settings))
+    write_receipt(manifest, layout.receipt(target), Path(target) / EXTRACT_MANIFEST)
+    return manifest

@@ -131,11 +131,14 @@ def bbbc021_image_table(
                 image_csv, "plate, well and site")
     merged = images.merge(moa, how="left", left_on=["Image_Metadata_Compound", "_conc"],
                           right_on=["compound", "_conc"], validate="many_to_one")
-    compound = merged["Image_Metadata_Compound"]
-    plate = merged["Image_Metadata_Plate_DAPI"]
-    well = merged["Image_Metadata_Well_DAPI"]
-    is_dmso = compound.eq("DMSO")
-    annotated = merged["moa"].notna() | is_dmso
+    merged = merged[_study_selection(merged, image_csv, moa_csv, taxol_rule, log)]
+    return _field_table(merged, image_root)
+
+
+def _study_selection(merged: pd.DataFrame, image_csv, moa_csv, taxol_rule: bool, log) -> pd.Series:
+    """The fields the study uses: an MoA or DMSO, and taxol only where its rule allows; the dropped counted."""
+    compound, plate = merged["Image_Metadata_Compound"], merged["Image_Metadata_Plate_DAPI"]
+    annotated = merged["moa"].notna() | compound.eq("DMSO")
     unannotated = merged.loc[~annotated, ["Image_Metadata_Compound", "_conc"]]
     if len(unannotated):
         pairs = unannotated.drop_duplicates()
@@ -145,22 +148,28 @@ def bbbc021_image_table(
     keep = annotated
     if taxol_rule:
         taxol = compound.eq("taxol")
-        taxol_ok = (plate.str.split("_").str[0].eq(TAXOL_WEEK) & well.str.contains(TAXOL_WELL_TAG)
+        taxol_ok = (plate.str.split("_").str[0].eq(TAXOL_WEEK)
+                    & merged["Image_Metadata_Well_DAPI"].str.contains(TAXOL_WELL_TAG)
                     & merged["_conc"].isin(TAXOL_CONCENTRATIONS))
         dropped = int((keep & taxol & ~taxol_ok).sum())
         if dropped:
             log(f"{image_csv}: {dropped} taxol fields outside Week1 D0 wells at 0.3/1/3 are not used (the study's "
                 "taxol rule; bbbc021.taxol_rule)")
         keep &= ~taxol | taxol_ok
-    merged = merged[keep]
-    is_dmso = is_dmso[keep]
+    return keep
+
+
+def _field_table(merged: pd.DataFrame, image_root) -> pd.DataFrame:
+    """The kept fields as the table's columns, channel paths under ``image_root/<Plate>/``."""
+    is_dmso = merged["Image_Metadata_Compound"].eq("DMSO")
+    plate = merged["Image_Metadata_Plate_DAPI"]
     sites = merged["Image_FileName_DAPI"].str.extract(_SITE, expand=False)
     root = Path(image_root)
     folder = merged["Image_PathName_DAPI"].str.split("/").str[-1]  # "<Week>/<Plate>" -> "<Plate>"
     table = pd.DataFrame({
-        "plate": plate[keep].to_numpy(),
-        "batch": plate[keep].str.split("_").str[0].to_numpy(),
-        "well": well[keep].to_numpy(),
+        "plate": plate.to_numpy(),
+        "batch": plate.str.split("_").str[0].to_numpy(),
+        "well": merged["Image_Metadata_Well_DAPI"].to_numpy(),
         "site": sites.astype(int).to_numpy(),
         "replicate": merged["Replicate"].astype(int).to_numpy(),
         "compound": merged["Image_Metadata_Compound"].to_numpy(),
@@ -234,9 +243,24 @@ def bbbc014_image_table(
     return pd.DataFrame.from_records(records)
 
 
-def write_bbbc021_table(image_csv, moa_csv, image_root, output, *, plates=None, taxol_rule: bool = True,
+def write_bbbc021_table(image_csv: str | os.PathLike, moa_csv: str | os.PathLike, image_root: str | os.PathLike,
+                        output: str | os.PathLike, *, plates: list[str], taxol_rule: bool,
                         log: Callable[[str], None] = stderr) -> pd.DataFrame:
-    """`bbbc021_image_table`, its counts logged, written to ``output``."""
+    """The BBBC021 field table (`bbbc021_image_table`), its counts logged, written to ``output``.
+
+    Parameters
+    ----------
+    image_csv, moa_csv : path
+        The Broad's ``BBBC021_v1_image.csv`` and ``BBBC021_v1_moa.csv``.
+    image_root : path
+        Folder of the extracted plates (one folder per plate).
+    output : path
+        The table (``.parquet``, or ``.csv``).
+    plates : list of str
+        The plates of this run (``bbbc021.plates``).
+    taxol_rule : bool
+        Keep taxol only on Week1 D0 wells at 0.3/1/3 (``bbbc021.taxol_rule``).
+    """
     from moaflow.files import write_table
 
     table = bbbc021_image_table(image_csv, moa_csv, image_root, plates=plates, taxol_rule=taxol_rule, log=log)
@@ -248,8 +272,20 @@ def write_bbbc021_table(image_csv, moa_csv, image_root, output, *, plates=None, 
     return table
 
 
-def write_bbbc014_table(image_root, output, *, settings: dict, log: Callable[[str], None] = stderr) -> pd.DataFrame:
-    """`bbbc014_image_table` from the config's ``bbbc014`` settings, written to ``output``."""
+def write_bbbc014_table(image_root: str | os.PathLike, output: str | os.PathLike, *, settings: dict,
+                        log: Callable[[str], None] = stderr) -> pd.DataFrame:
+    """The BBBC014 well table (`bbbc014_image_table`), written to ``output``.
+
+    Parameters
+    ----------
+    image_root : path
+        The extracted images.
+    output : path
+        The table (``.parquet``, or ``.csv``).
+    settings : dict
+        The config's ``bbbc014`` settings that decide the table: ``filename_regex``, ``dapi_channel``,
+        ``cell_lines``, ``positive_columns``, ``negative_columns``.
+    """
     from moaflow.files import write_table
 
     table = bbbc014_image_table(image_root, filename_regex=settings["filename_regex"],
@@ -340,8 +376,17 @@ def crops_table(images: str | os.PathLike, metadata: str | os.PathLike, *, colum
     return table[order]
 
 
-def write_crops_table(settings: dict, output, log: Callable[[str], None] = stderr) -> pd.DataFrame:
-    """`crops_table` from the config's ``crops.<name>`` section, written to ``output``."""
+def write_crops_table(settings: dict, output: str | os.PathLike, log: Callable[[str], None] = stderr) -> pd.DataFrame:
+    """A pre-cropped set's crop table (`crops_table`), written to ``output``.
+
+    Parameters
+    ----------
+    settings : dict
+        The config's ``crops.<name>`` section (``images``, ``metadata``, ``columns``, ``filename``, and
+        optionally ``separator`` and ``batch_pattern``).
+    output : path
+        The table (``.parquet``, or ``.csv``).
+    """
     from moaflow.files import write_table
 
     table = crops_table(settings["images"], settings["metadata"], columns=settings["columns"],

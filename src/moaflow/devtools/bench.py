@@ -87,7 +87,15 @@ def prepare(out: Path, plates: int = 2) -> pd.DataFrame:
 
 
 def bench_preprocess(out: str | Path, repeats: int = 2) -> list[dict]:
-    """Time bare reads and the two preprocessing passes; print and return the rows."""
+    """Time preprocessing against bare TIFF read+decode on full-size stand-in plates; print and return the rows.
+
+    Parameters
+    ----------
+    out : path
+        Where the full-size stand-in goes (kept for later runs).
+    repeats : int
+        Timed passes of each kind.
+    """
     out = Path(out)
     table = prepare(out)
     plates = [table[table["plate"] == p] for p in table["plate"].unique()]
@@ -141,7 +149,18 @@ def synthetic_study(out: str | Path, size: int, *, compounds: int = 38, crops_pe
 
 def bench_feeder(sizes=(224, 299), *, crops: int = 4788, batch_size: int = 128, repeats: int = 3) -> list[dict]:
     """Images/s of the feeder alone (no model): shuffled full batches gathered from an in-RAM store of
-    uint8 crops, on one core (one thread, no prefetch workers), best of ``repeats`` epochs."""
+    uint8 crops, on one core (one thread, no prefetch workers), best of ``repeats`` epochs.
+
+    Parameters
+    ----------
+    sizes : tuple of int
+        Input sizes timed.
+    crops : int
+        Crops in the synthetic store (the real study's count).
+    batch_size : int
+    repeats : int
+        Epochs timed; the best is reported.
+    """
     import numpy as np
     from threadpoolctl import threadpool_limits
 
@@ -170,33 +189,52 @@ def bench_feeder(sizes=(224, 299), *, crops: int = 4788, batch_size: int = 128, 
     return rows
 
 
-def bench_training(out: str | Path, sizes: dict[str, int], *, batch_size: int = 128,
-                   precision: str = "mixed_bfloat16", epochs: int = 2, folds: int = 2) -> list[dict]:
-    """Per architecture: the train rule's own code (`moaflow.learn.train.train_job`: feeder, compiled step,
-    held-out predictions, outputs) against a bare ``model.fit`` on synthetic in-memory tensors of the same
-    shape, backend and precision, in the same process.
+def bench_training(architectures: list[str], out: str = "results/bench/training", batch_size: int = 128,
+                   precision: str = "mixed_bfloat16", epochs: int = 2, folds: int = 2,
+                   folds_per_job: int = 10) -> list[dict]:
+    """Benchmark training: the train job against a bare ``model.fit``, and the study's GPU-hours from it.
 
-    Reports both images/s, their ratio, and the job's fixed cost (wall time less its epochs: start-up,
-    compilation, final predictions, saving), which `estimate_study` uses.
+    Per architecture (at its registry input size): the train rule's own code (`moaflow.learn.train.train_job`:
+    feeder, compiled step, held-out predictions, outputs) against a bare ``model.fit`` on synthetic in-memory
+    tensors of the same shape, backend and precision, in the same process. Reports both images/s, their
+    ratio, and the job's fixed cost (wall time less its epochs: start-up, compilation, final predictions,
+    saving), then `estimate_study` with ``folds_per_job``. Needs a GPU to mean much.
+
+    Parameters
+    ----------
+    architectures : list of str
+        Registered architectures, each at its registry input size.
+    out : path
+        Where the synthetic study-shaped stores and the runs go.
+    batch_size : int
+    precision : str
+        The Keras dtype policy.
+    epochs : int
+        Epochs per fold (the first pays the compilation).
+    folds : int
+        Folds per benchmark job.
+    folds_per_job : int
+        For the study's estimate.
     """
     import keras
     import numpy as np
 
-    from moaflow import study
+    from moaflow.learn import architectures as registry
     from moaflow.learn import train
-    from moaflow.learn.models import build_model
+    from moaflow.learn.presets import hyperparameters
 
     rows = []
-    for architecture, size in sizes.items():
+    for architecture in architectures:
+        size = registry.get(architecture).input_size
         store, index_path, folds_path = synthetic_study(out, size)
         names = list(pd.read_csv(folds_path, sep="\t")["fold"][:folds])
-        hyper = study.hyperparameters("final", architecture, {"epochs": epochs, "batch_size": batch_size,
-                                                              "precision": precision})
+        hyper = hyperparameters("final", architecture, {"epochs": epochs, "batch_size": batch_size,
+                                                        "precision": precision})
         started = time.perf_counter()
         train.train_job(store, index_path, folds_path, names, architecture=architecture, weights=None, hyper=hyper,
                         seed=0, models_dir=Path(out) / "models" / architecture,
                         checkpoints_dir=Path(out) / "checkpoints" / architecture, gpus=0, allow_cpu=True,
-                        checkpoint_minutes=1e9, log=lambda line: print(line, flush=True))
+                        load_into_memory=True, checkpoint_minutes=1e9, log=lambda line: print(line, flush=True))
         wall = time.perf_counter() - started
         histories = [pd.read_csv(Path(out) / "models" / architecture / n / "history.tsv", sep="\t") for n in names]
         steady = np.median([v for h in histories for v in h["images_per_second"].iloc[1:]]
@@ -205,24 +243,7 @@ def bench_training(out: str | Path, sizes: dict[str, int], *, batch_size: int = 
                                         or [v for h in histories for v in h["seconds"]]))
         n_train = json.loads((Path(out) / "models" / architecture / names[0] / "run.json").read_text())["n_train"]
 
-        # The bare baseline: the same model, in-memory uint8 tensors, Keras' own array feeding.
-        keras.config.set_dtype_policy(precision)
-        model = build_model(architecture, size, 12, weights=None)
-        model.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9), loss="categorical_crossentropy")
-        n = (n_train // batch_size) * batch_size
-        x = np.random.default_rng(1).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-        y = np.eye(12, dtype=np.float32)[np.arange(n) % 12]
-        times = []
-
-        class Clock(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                times.append(time.perf_counter())
-
-            def on_epoch_end(self, epoch, logs=None):
-                times.append(time.perf_counter())
-
-        model.fit(x, y, batch_size=batch_size, epochs=2, verbose=0, shuffle=False, callbacks=[Clock()])
-        bare = n / (times[3] - times[2])
+        bare = bare_fit_rate(architecture, size, n_train, batch_size, precision)
         keras.config.set_dtype_policy("float32")
         row = {"architecture": architecture, "input": size, "batch": batch_size, "precision": precision,
                "backend": keras.backend.backend(), "rule_images_per_s": steady, "bare_images_per_s": bare,
@@ -232,7 +253,35 @@ def bench_training(out: str | Path, sizes: dict[str, int], *, batch_size: int = 
         rows.append(row)
         print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:,.2f}"), flush=True)
         keras.backend.clear_session()
+    estimate_study(rows, folds_per_job=folds_per_job)
     return rows
+
+
+def bare_fit_rate(architecture: str, size: int, n_train: int, batch_size: int, precision: str) -> float:
+    """Images/s of a bare ``model.fit`` of the same model on in-memory uint8 tensors (Keras' own array feeding),
+    its second epoch (the first compiles)."""
+    import keras
+    import numpy as np
+
+    from moaflow.learn.models import build_model
+
+    keras.config.set_dtype_policy(precision)
+    model = build_model(architecture, size, 12, weights=None)
+    model.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9), loss="categorical_crossentropy")
+    n = (n_train // batch_size) * batch_size
+    x = np.random.default_rng(1).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    y = np.eye(12, dtype=np.float32)[np.arange(n) % 12]
+    times = []
+
+    class Clock(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            times.append(time.perf_counter())
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter())
+
+    model.fit(x, y, batch_size=batch_size, epochs=2, verbose=0, shuffle=False, callbacks=[Clock()])
+    return n / (times[3] - times[2])
 
 
 def estimate_study(rows: list[dict], *, folds: int = 38, inits: int = 2, epochs: int = 10,

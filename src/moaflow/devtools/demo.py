@@ -35,8 +35,20 @@ def build_standin(settings: dict) -> Path:
     return out
 
 
-def run_demo(configfile: str, snakefile: str, cores: int, snakemake_args: list[str]) -> int:
+def run_demo(configfile: str = "config/demo.yaml", snakefile: str = "Snakefile", cores: int = 2,
+             snakemake_args: list[str] | None = None) -> int:
     """Build and serve the stand-in, run snakemake with ``configfile``, then build the report.
+
+    Parameters
+    ----------
+    configfile : str
+        The demo's config (its ``standin`` section says what data to build), layered on config/config.yaml.
+    snakefile : str
+        The workflow (run from the repository root).
+    cores : int
+        Snakemake's ``--cores``.
+    snakemake_args : list of str, optional
+        More arguments for snakemake.
 
     Returns snakemake's exit status.
     """
@@ -47,11 +59,9 @@ def run_demo(configfile: str, snakefile: str, cores: int, snakemake_args: list[s
         raise ValueError(f"{config_path}: no 'standin' section; the demo needs one to build its data")
     out = build_standin(settings)
     env = dict(os.environ)
-    # Rules call `moaflow`: make the interpreter's own bin folder win on PATH.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     snakemake = str(Path(sys.executable).parent / "snakemake")
     command = [snakemake, "--snakefile", snakefile, "--rerun-incomplete", "--configfile", str(config_path),
-               "--cores", str(cores), *snakemake_args]
+               "--cores", str(cores), *(snakemake_args or [])]
     try:
         server = StandinServer(out / "www", settings["port"])
     except OSError as exc:

@@ -172,7 +172,19 @@ class StandinServer(ThreadingHTTPServer):
 
 
 def serve(root, port: int = 8021, *, ignore_range: bool = False, rate: int | None = None) -> None:
-    """Serve ``root`` on 127.0.0.1 until interrupted (``moaflow serve``)."""
+    """Serve a folder over HTTP on 127.0.0.1 until interrupted (with Range support).
+
+    Parameters
+    ----------
+    root : path
+        The folder served (a stand-in's ``www/``).
+    port : int
+        The loopback port.
+    ignore_range : bool
+        Behave like a server without Range support.
+    rate : int, optional
+        Throttle each response to about this many bytes/s.
+    """
     server = StandinServer(root, port, ignore_range=ignore_range, rate=rate)
     print(f"serving {root} at {server.url} (Ctrl-C stops)", flush=True)
     try:

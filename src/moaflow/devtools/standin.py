@@ -21,6 +21,7 @@ import os
 import shutil
 import uuid
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -304,16 +305,14 @@ def write_bbbc021(
     out_dir : path
         Folder to write into; ``www/`` is what a server exposes.
     n_plates : int
-        Number of plates, taken one per week in order (Week1_22123,
-        Week2_24121, ...) so that plates are also batches.
+        Plates, one per week in order (Week1_22123, Week2_24121, ...): plates are also batches.
     sites : int
         Fields of view per well (4 in the real data).
     dmso_wells : int
         DMSO wells per plate (6 in the real data).
     moas, compounds_per_moa, concentrations_per_compound
-        Which real treatments to place, see `select_treatments`. Every plate
-        carries every selected treatment once; the plate's ordinal is the
-        replicate id.
+        Which real treatments to place, see `select_treatments`. Every plate carries every selected
+        treatment once; the plate's ordinal is the replicate id.
     shape : tuple of int
         Field size (rows, columns). The real 1024x1280 or smaller with the same 4:5 aspect.
     magnification : float
@@ -321,92 +320,130 @@ def write_bbbc021(
     seed : int
         Makes the output byte-identical across runs.
 
-    Returns
-    -------
-    manifest : dict
-        Plates, treatments and the number of fields written.
+    Returns the manifest: plates, treatments and the number of fields written.
     """
-    height, width = shape
-    if height <= 0 or width <= 0 or abs(width / height - 1.25) > 0.02:
-        raise ValueError(f"shape={shape!r}: expected positive (rows, columns) with the real 4:5 aspect, e.g. (1024, 1280)")
-    weeks = list(BBBC021_PLATES_BY_WEEK)
-    if not 1 <= n_plates <= len(weeks):
-        raise ValueError(f"n_plates={n_plates}: expected 1..{len(weeks)} (one plate per week)")
+    _check_field_shape(shape)
     treatments = select_treatments(moas, compounds_per_moa, concentrations_per_compound)
-    wells = [f"{r}{c:02d}" for r in BBBC021_ROWS for c in BBBC021_COLUMNS]
-    if len(treatments) + dmso_wells > len(wells):
-        raise ValueError(f"{len(treatments)} treatments + {dmso_wells} DMSO wells do not fit the {len(wells)} wells of a plate")
+    weeks, wells = _weeks_and_wells(n_plates, len(treatments), dmso_wells)
     out_dir = Path(out_dir)
-    www = out_dir / "www" / "BBBC021"
-    truth = out_dir / "truth" / "bbbc021"
+    www, truth = out_dir / "www" / "BBBC021", out_dir / "truth" / "bbbc021"
     www.mkdir(parents=True, exist_ok=True)
     truth.mkdir(parents=True, exist_ok=True)
-
-    master = np.random.default_rng(seed)
-    compounds = sorted({t["compound"] for t in treatments})
-    jitter = {c: master.normal(0, 0.08, size=len(_PHENOTYPE_KEYS)) for c in compounds}
-    strength = {}
-    for compound in compounds:
-        concs = sorted(t["concentration"] for t in treatments if t["compound"] == compound)
-        for rank, conc in enumerate(concs):
-            strength[(compound, conc)] = 1.0 if len(concs) == 1 else 0.6 + 0.4 * rank / (len(concs) - 1)
-
-    rows, image_number = [], 0
-    plates = []
+    phenotypes = treatment_phenotypes(treatments, seed)
+    rows, plates = [], []
     for p in range(n_plates):
         week = weeks[p]
         plate = f"{week}_{BBBC021_PLATES_BY_WEEK[week][0]}"
         plates.append(plate)
         plate_rng = np.random.default_rng([seed, p])
-        illum = {ch: illumination_field(shape, plate_rng) for ch in BBBC021_CHANNEL_SUFFIX}
-        for ch, field in illum.items():
-            np.save(truth / f"illumination_{plate}_{ch}.npy", field)
+        illumination = _plate_illumination(truth, plate, shape, plate_rng)
         # Shuffle the layout per plate, DMSO included, so position is not a label.
-        layout = [dict(t) for t in treatments] + [
-            {"compound": "DMSO", "concentration": 0.0, "moa": "DMSO"} for _ in range(dmso_wells)
-        ]
+        layout = [dict(t) for t in treatments] + [DMSO] * dmso_wells
         order = plate_rng.permutation(len(wells))[: len(layout)]
-        staging = out_dir / "staging" / plate
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        for treatment, well_index in zip(layout, sorted(order)):
-            well = wells[well_index]
-            if treatment["compound"] == "DMSO":
-                pheno = phenotype("DMSO", 0.0, np.zeros(len(_PHENOTYPE_KEYS)))
-            else:
-                pheno = phenotype(treatment["moa"], strength[(treatment["compound"], treatment["concentration"])],
-                                  jitter[treatment["compound"]])
-            for site in range(1, sites + 1):
-                image_number += 1
-                signal = render_cells(shape, pheno, plate_rng, magnification)
-                names = {}
-                for c_index, (ch, suffix) in enumerate(BBBC021_CHANNEL_SUFFIX.items()):
-                    name = f"{well}_s{site}_w{suffix}{_field_uuid(plate_rng)}.tif"
-                    tifffile.imwrite(staging / name, to_counts(signal[c_index], illum[ch], plate_rng))
-                    names[ch] = name
-                rows.append({
-                    "TableNumber": p + 1, "ImageNumber": image_number,
-                    "Image_FileName_DAPI": names["DAPI"], "Image_PathName_DAPI": f"{week}/{plate}",
-                    "Image_FileName_Tubulin": names["Tubulin"], "Image_PathName_Tubulin": f"{week}/{plate}",
-                    "Image_FileName_Actin": names["Actin"], "Image_PathName_Actin": f"{week}/{plate}",
-                    "Image_Metadata_Plate_DAPI": plate, "Image_Metadata_Well_DAPI": well,
-                    "Replicate": p + 1, "Image_Metadata_Compound": treatment["compound"],
-                    "Image_Metadata_Concentration": _format_concentration(treatment["concentration"]),
-                })
-        _zip_dir(staging, www / f"BBBC021_v1_images_{plate}.zip", plate)
-        shutil.rmtree(staging)
+        fields = [(wells[w], site, treatment) for treatment, w in zip(layout, sorted(order))
+                  for site in range(1, sites + 1)]
+        with _plate_zip(out_dir, www, plate) as staging:
+            for well, site, treatment in fields:
+                signal = render_cells(shape, phenotypes[(treatment["compound"], treatment["concentration"])],
+                                      plate_rng, magnification)
+                names = _write_field(staging, well, site, signal, illumination, plate_rng)
+                rows.append(_image_row(len(rows) + 1, p + 1, week, plate, well, p + 1, treatment, names))
         log(f"stand-in BBBC021: plate {p + 1}/{n_plates} ({plate}) written")
     shutil.rmtree(out_dir / "staging", ignore_errors=True)
+    manifest = {"plates": plates, "treatments": treatments, "fields": len(rows), "shape": list(shape),
+                "magnification": magnification, "seed": seed}
+    _write_metadata(www, truth, rows, manifest)
+    return manifest
 
+
+def _weeks_and_wells(n_plates: int, n_treatments: int, dmso_wells: int) -> tuple[list[str], list[str]]:
+    """The weeks (one plate each) and a plate's wells, once the plates and wells asked for fit."""
+    weeks = list(BBBC021_PLATES_BY_WEEK)
+    if not 1 <= n_plates <= len(weeks):
+        raise ValueError(f"n_plates={n_plates}: expected 1..{len(weeks)} (one plate per week)")
+    wells = [f"{r}{c:02d}" for r in BBBC021_ROWS for c in BBBC021_COLUMNS]
+    if n_treatments + dmso_wells > len(wells):
+        raise ValueError(f"{n_treatments} treatments + {dmso_wells} DMSO wells do not fit the {len(wells)} wells of "
+                         "a plate")
+    return weeks, wells
+
+
+def _check_field_shape(shape) -> None:
+    height, width = shape
+    if height <= 0 or width <= 0 or abs(width / height - 1.25) > 0.02:
+        raise ValueError(f"shape={shape!r}: expected positive (rows, columns) with the real 4:5 aspect, e.g. (1024, 1280)")
+
+
+#: A DMSO well of a stand-in plate.
+DMSO = {"compound": "DMSO", "concentration": 0.0, "moa": "DMSO"}
+
+
+def treatment_phenotypes(treatments: list[dict], seed: int) -> dict[tuple[str, float], _Phenotype]:
+    """(compound, concentration) -> how its cells look, DMSO included: each compound its own small jitter of its
+    MoA's phenotype (drawn in compound order from ``seed``), stronger at higher concentrations."""
+    master = np.random.default_rng(seed)
+    compounds = sorted({t["compound"] for t in treatments})
+    jitter = {c: master.normal(0, 0.08, size=len(_PHENOTYPE_KEYS)) for c in compounds}
+    phenotypes = {("DMSO", 0.0): phenotype("DMSO", 0.0, np.zeros(len(_PHENOTYPE_KEYS)))}
+    for compound in compounds:
+        concs = sorted(t["concentration"] for t in treatments if t["compound"] == compound)
+        moa = next(t["moa"] for t in treatments if t["compound"] == compound)
+        for rank, conc in enumerate(concs):
+            strength = 1.0 if len(concs) == 1 else 0.6 + 0.4 * rank / (len(concs) - 1)
+            phenotypes[(compound, conc)] = phenotype(moa, strength, jitter[compound])
+    return phenotypes
+
+
+@contextmanager
+def _plate_zip(out_dir: Path, www: Path, plate: str):
+    """A staging folder for a plate's TIFFs, zipped as the Broad's ``BBBC021_v1_images_<Plate>.zip`` after."""
+    staging = out_dir / "staging" / plate
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    yield staging
+    _zip_dir(staging, www / f"BBBC021_v1_images_{plate}.zip", plate)
+    shutil.rmtree(staging)
+
+
+def _plate_illumination(truth: Path, plate: str, shape, rng) -> dict[str, np.ndarray]:
+    """A plate's illumination field per channel, saved as the truth (outside the served tree)."""
+    illumination = {ch: illumination_field(shape, rng) for ch in BBBC021_CHANNEL_SUFFIX}
+    for ch, field in illumination.items():
+        np.save(truth / f"illumination_{plate}_{ch}.npy", field)
+    return illumination
+
+
+def _write_field(staging: Path, well: str, site: int, signal: np.ndarray, illumination: dict, rng,
+                 names: dict[str, str] | None = None) -> dict[str, str]:
+    """One field's three 16-bit TIFFs (the real names when given, else ``<well>_s<site>_w<n><UUID>.tif``)."""
+    written = {}
+    for c_index, (ch, suffix) in enumerate(BBBC021_CHANNEL_SUFFIX.items()):
+        name = names[ch] if names else f"{well}_s{site}_w{suffix}{_field_uuid(rng)}.tif"
+        tifffile.imwrite(staging / name, to_counts(signal[c_index], illumination[ch], rng))
+        written[ch] = name
+    return written
+
+
+def _image_row(image_number: int, table_number: int, week: str, plate: str, well: str, replicate: int,
+               treatment: dict, names: dict[str, str]) -> dict:
+    """A row of the image CSV, in the Broad's columns."""
+    return {"TableNumber": table_number, "ImageNumber": image_number,
+            "Image_FileName_DAPI": names["DAPI"], "Image_PathName_DAPI": f"{week}/{plate}",
+            "Image_FileName_Tubulin": names["Tubulin"], "Image_PathName_Tubulin": f"{week}/{plate}",
+            "Image_FileName_Actin": names["Actin"], "Image_PathName_Actin": f"{week}/{plate}",
+            "Image_Metadata_Plate_DAPI": plate, "Image_Metadata_Well_DAPI": well, "Replicate": replicate,
+            "Image_Metadata_Compound": treatment["compound"],
+            "Image_Metadata_Concentration": _format_concentration(treatment["concentration"])}
+
+
+def _write_metadata(www: Path, truth: Path, rows: list[dict], manifest: dict) -> None:
+    """The image CSV, the (real) MoA CSV and the truth's manifest."""
     with open(www / "BBBC021_v1_image.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=BBBC021_IMAGE_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     shutil.copyfile(resources.files("moaflow").joinpath("data/BBBC021_v1_moa.csv"), www / "BBBC021_v1_moa.csv")
-    manifest = {"plates": plates, "treatments": treatments, "fields": len(rows), "shape": list(shape),
-                "magnification": magnification, "seed": seed}
     (truth / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return manifest
 
 
 # --------------------------------------------------------------------------- BBBC014
@@ -444,7 +481,17 @@ def write_bbbc014(
 
     NF-kB (FITC) moves from the cytoplasm into the nucleus as the TNF-alpha
     concentration rises (column 1 highest, see `translocation_fraction`).
-    ``dapi_channel`` says which ``Channel N`` holds DAPI (sources disagree).
+
+    Parameters
+    ----------
+    out_dir : path
+        Folder to write into; ``www/`` is what a server exposes.
+    shape : tuple of int
+        Image size (rows, columns), the real 1024x1360 or smaller with its aspect.
+    dapi_channel : int
+        Which ``Channel N`` holds DAPI (sources disagree).
+    seed : int
+        Makes the output byte-identical across runs.
     """
     from PIL import Image
 
@@ -526,12 +573,12 @@ def write_weights(out_dir: str | os.PathLike, files: dict[str, str], *, seed: in
     import keras
     from keras.src.legacy.saving import legacy_h5_format
 
-    from moaflow.learn.models import backbone
+    from moaflow.learn.architectures import body
 
     digests = {}
     rng = np.random.default_rng(seed)
     for architecture, relative in files.items():
-        model = backbone(architecture, 75, weights=None)
+        model = body(architecture, 75)
         # Like real weights, BatchNorm's moving variances are positive (a negative one gives NaN features).
         model.set_weights([(1 + np.abs(values) if "moving_variance" in w.path else values).astype(w.dtype)
                            for w in model.weights for values in [rng.normal(0, 0.05, w.shape)]])

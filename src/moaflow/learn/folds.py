@@ -133,8 +133,8 @@ def random_field_split(index: pd.DataFrame, *, fraction: float = 0.25, seed: int
                           "validation_groups": "", "excluded_batches": ""}], columns=FOLD_COLUMNS)
 
 
-def dataset_folds(index: pd.DataFrame, *, variant: str = "loco", validation_compounds: int = 0, seed: int = 0,
-                  fraction: float = 0.25) -> pd.DataFrame:
+def dataset_folds(index: pd.DataFrame, *, variant: str, validation_compounds: int, seed: int,
+                  fraction: float) -> pd.DataFrame:
     """The folds of a crops dataset: ``loco`` (leave one compound out), ``nscb`` (and its batches) or
     ``random_field`` (`random_field_split`)."""
     if variant in ("loco", "nscb"):
@@ -210,12 +210,32 @@ def check_folds(folds: pd.DataFrame, index: pd.DataFrame) -> None:
                              "training groups of this index")
 
 
-def write_dataset_folds(dataset: str, output: str | os.PathLike, *, index: str | os.PathLike | None = None,
+def write_dataset_folds(dataset: str, output: str | os.PathLike, *, variant: str, validation_compounds: int,
+                        seed: int, fraction: float, index: str | os.PathLike | None = None,
                         image_csv: str | os.PathLike | None = None, moa_csv: str | os.PathLike | None = None,
-                        validation_compounds: int = 0, seed: int = 0, variant: str = "loco",
-                        fraction: float = 0.25, log=stderr) -> pd.DataFrame:
+                        log=stderr) -> pd.DataFrame:
     """Write the folds of a dataset: leave one compound out (BBBC021, from the crop index or straight
-    from the Broad's metadata), one cell line (BBBC014), or `dataset_folds` of a crops dataset."""
+    from the Broad's metadata), one cell line (BBBC014), or `dataset_folds` of a crops dataset.
+
+    Parameters
+    ----------
+    dataset : {"bbbc021", "bbbc014", "crops"}
+        Which kind of folds.
+    output : path
+        The folds file (TSV).
+    variant : {"loco", "nscb", "random_field"}
+        Leave one compound out, also its batches, or the lab's random hold-out of fields.
+    validation_compounds : int
+        Validation compounds per fold, MoA-stratified.
+    seed : int
+        Draws the validation compounds (or the random fields).
+    fraction : float
+        ``random_field``: the fraction of each MoA's fields held out.
+    index : path, optional
+        The crop (or field) index the folds are made from.
+    image_csv, moa_csv : path, optional
+        BBBC021: make them from the Broad's metadata instead of an index.
+    """
     if dataset == "bbbc014":
         table = leave_one_cell_line_out(pd.read_parquet(index))
     elif dataset == "crops":
@@ -237,9 +257,18 @@ def write_dataset_folds(dataset: str, output: str | os.PathLike, *, index: str |
     return table
 
 
-def check_folds_file(folds_path: str | os.PathLike, index_path: str | os.PathLike,
-                     output: str | os.PathLike) -> None:
-    """`check_folds` of a folds file against a crop index, then copy it to ``output``."""
-    table = read_folds(folds_path)
-    check_folds(table, pd.read_parquet(index_path))
+def check_folds_file(folds: str | os.PathLike, index: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Check a folds file against a crop index (`check_folds`), then copy it to ``output``.
+
+    Parameters
+    ----------
+    folds : path
+        The folds file (TSV, `FOLD_COLUMNS`).
+    index : path
+        The crop index it must cover.
+    output : path
+        The checked copy (what training reads).
+    """
+    table = read_folds(folds)
+    check_folds(table, pd.read_parquet(index))
     write_folds(table, output)

@@ -23,27 +23,12 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import keras
-import numpy as np
 from keras import ops
 
-#: architecture -> (keras.applications constructor, smallest input side it accepts)
-APPLICATIONS = {
-    "resnet50": ("ResNet50", 32),
-    "inception_v3": ("InceptionV3", 75),
-    "inception_resnet_v2": ("InceptionResNetV2", 75),
-}
-ARCHITECTURES = [*APPLICATIONS, "lab_cnn"]
-#: stored channel order -> what the network sees
-CHANNEL_ORDERS = {
-    "stored": [0, 1, 2],     # (Actin, Tubulin, DAPI) for BBBC021; (zeros, DAPI, FITC) for BBBC014
-    "reversed": [2, 1, 0],   # what the original network saw after OpenCV's BGR read: (DAPI, Tubulin, Actin)
-}
-INPUT_SCALINGS = ("raw", "unit", "symmetric", "caffe")
-_CAFFE_MEAN = (103.939, 116.779, 123.68)   # keras.applications' ResNet50 "caffe" preprocessing, BGR
-
+from moaflow.learn import architectures
+from moaflow.learn.inputs import input_transform, resolve_scaling
 
 @keras.saving.register_keras_serializable(package="moaflow")
 class StudyAugmentation(keras.layers.Layer):
@@ -95,30 +80,6 @@ class StudyAugmentation(keras.layers.Layer):
         return {**config, "seed": self.seed, "noise_variance": self.noise_variance}
 
 
-def input_transform(channel_order: str, input_scaling: str) -> tuple[np.ndarray, np.ndarray]:
-    """Kernel (1, 1, 3, 3) and bias (3,) of the fixed 1x1 convolution that maps stored 0..255 channels
-    to what the network sees: ``out[c] = x[order[c]] * scale + offset``.
-
-    ``raw`` keeps 0..255 (the study), ``unit`` divides by 255 (the lab), ``symmetric`` maps to -1..1
-    (Inception's ImageNet convention), ``caffe`` reverses the channels and subtracts ResNet50's ImageNet mean.
-    """
-    if channel_order not in CHANNEL_ORDERS:
-        raise ValueError(f"channel_order={channel_order!r}: expected one of {sorted(CHANNEL_ORDERS)}")
-    if input_scaling not in INPUT_SCALINGS:
-        raise ValueError(f"input_scaling={input_scaling!r}: expected one of {INPUT_SCALINGS}")
-    order = list(CHANNEL_ORDERS[channel_order])
-    scale, offset = {"raw": (1.0, 0.0), "unit": (1 / 255, 0.0), "symmetric": (1 / 127.5, -1.0),
-                     "caffe": (1.0, 0.0)}[input_scaling]
-    bias = np.full(3, offset, np.float32)
-    if input_scaling == "caffe":
-        order = order[::-1]
-        bias = -np.asarray(_CAFFE_MEAN, np.float32)
-    kernel = np.zeros((1, 1, 3, 3), np.float32)
-    for out, source in enumerate(order):
-        kernel[0, 0, source, out] = scale
-    return kernel, bias
-
-
 def lab_cnn(input_shape=(256, 256, 3), n_classes: int = 6) -> keras.Model:
     """The course lab's LeNet-inspired CNN (1,121,062 parameters at 256x256x3, 6 classes)."""
     return keras.Sequential([
@@ -135,43 +96,6 @@ def lab_cnn(input_shape=(256, 256, 3), n_classes: int = 6) -> keras.Model:
     ], name="lab_cnn")
 
 
-def resolve_weights(weights: str | None, architecture: str) -> str | None:
-    """Turn the weights setting into what keras.applications accepts.
-
-    ``None``/``"none"`` is random initialisation; anything else is a path, in
-    which ``{architecture}`` is replaced, and which must exist. Training jobs
-    never fetch weights: ``imagenet`` is fetched once, by the ``fetch_weights``
-    rule, into ``results/weights/``.
-    """
-    if weights is None or str(weights).lower() in ("none", "random", "null"):
-        return None
-    if weights == "imagenet":
-        raise ValueError(f"weights 'imagenet' for {architecture}: training reads a weights file; the workflow "
-                         "passes results/weights/<architecture>_notop.h5 (rule fetch_weights)")
-    path = Path(str(weights).format(architecture=architecture))
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"weights file {path} (training.initialisations, architecture {architecture}) does not exist; "
-            "expected a Keras notop weights file such as resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
-    return os.fspath(path)
-
-
-def backbone(architecture: str, input_size: int, weights: str | None = None) -> keras.Model:
-    """The notop network with global average pooling (the lab CNN up to its 1,024-unit layer)."""
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture={architecture!r}: expected one of {ARCHITECTURES}")
-    if architecture == "lab_cnn":
-        if input_size < 64:
-            raise ValueError(f"lab_cnn needs inputs of at least 64x64 (stride 2 and pools of 2, 4, 4), got {input_size}")
-        core = lab_cnn((input_size, input_size, 3))
-        return keras.Model(core.inputs, core.layers[-2].output, name="lab_cnn_body")
-    name, smallest = APPLICATIONS[architecture]
-    if input_size < smallest:
-        raise ValueError(f"{architecture} needs inputs of at least {smallest}x{smallest}, got {input_size}")
-    return getattr(keras.applications, name)(include_top=False, weights=resolve_weights(weights, architecture),
-                                             input_shape=(input_size, input_size, 3), pooling="avg")
-
-
 def build_model(
     architecture: str,
     input_size: int,
@@ -184,22 +108,22 @@ def build_model(
     input_scaling: str = "raw",
     seed: int | None = None,
 ) -> keras.Model:
-    """Build one of `ARCHITECTURES` for square uint8 ``input_size`` crops in stored channel order.
+    """Build a registered architecture for square uint8 ``input_size`` crops in stored channel order.
 
     Parameters
     ----------
     architecture : str
-        One of `ARCHITECTURES`.
+        A name of the architecture registry (`moaflow.learn.architectures`).
     input_size : int
         Side of the square input.
     n_classes : int
         Softmax outputs; with ``head="sigmoid"`` a single output (binary).
     weights : str, optional
-        See `resolve_weights`. Ignored for ``lab_cnn`` (always random).
+        A notop weights file, or None for random weights (see `moaflow.learn.architectures.resolve_weights`).
     augmentation : bool
         Put `StudyAugmentation` after the cast (active only in training).
     channel_order, input_scaling : str
-        See `input_transform`.
+        See `moaflow.learn.inputs` (``pretrained``: the scaling the architecture's ImageNet weights expect).
     seed : int, optional
         Seeds the augmentation.
 
@@ -210,7 +134,7 @@ def build_model(
     """
     if head not in ("softmax", "sigmoid"):
         raise ValueError(f"head={head!r}: expected 'softmax' or 'sigmoid'")
-    kernel, bias = input_transform(channel_order, input_scaling)
+    kernel, bias = input_transform(channel_order, resolve_scaling(input_scaling, architecture))
     inputs = keras.Input((input_size, input_size, 3), dtype="uint8", name="image")
     x = keras.layers.Rescaling(1.0, dtype="float32", name="to_float")(inputs)
     if augmentation:
@@ -218,7 +142,7 @@ def build_model(
     transform = keras.layers.Conv2D(3, 1, dtype="float32", trainable=False, name="input_transform")
     x = transform(x)
     transform.set_weights([kernel, bias])
-    x = backbone(architecture, input_size, weights)(x)
+    x = architectures.body(architecture, input_size, weights)(x)
     # The head stays float32 under mixed precision (stable softmax / sigmoid).
     if head == "softmax":
         outputs = keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="moa")(x)

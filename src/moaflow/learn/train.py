@@ -2,18 +2,20 @@
 
 Start-up is paid once per job: the framework import, the store read into memory
 and the compilation of the training step (every batch has one shape). Between
-folds the model and optimizer go back to their initial state, so a fold's
-result does not depend on how folds were grouped into jobs.
+folds the model and optimizer go back to their initial state
+(`moaflow.learn.trainer.Trainer`), so a fold's result does not depend on how
+folds were grouped into jobs.
 
-Each fold writes its outputs atomically into its own folder (``run.json``
-last): ``model.keras`` (inference model, no optimizer state, loads in plain
-Keras), ``history.tsv``, ``test_predictions.parquet``,
-``validation_predictions.parquet``, ``test_embeddings.npy`` (the held-out crops' pooled features, for profiling)
-and ``test_occlusion.npz`` (occlusion maps of a few of them). A fold whose ``run.json`` carries the
+Each fold writes its outputs atomically into its own folder
+(`moaflow.layout.FOLD_FILES`, ``run.json`` last): the inference model (no
+optimizer state, loads in plain Keras), the history, the held-out and
+validation predictions, the held-out crops' pooled features (for profiling)
+and occlusion maps of a few of them. A fold whose ``run.json`` carries the
 same fingerprint (settings, data and code) is kept when a job reruns; a fold
-killed mid-way resumes from its last checkpoint (model, optimizer, augmentation
-state and history) under ``checkpoints/``, written at most every
-``checkpoint_minutes``.
+killed mid-way resumes from its last checkpoint (`moaflow.learn.checkpoints`).
+
+This module imports no framework at load time: the job first sets up its
+device environment (`moaflow.learn.devices`), then Keras loads.
 """
 
 from __future__ import annotations
@@ -24,103 +26,31 @@ import os
 import shutil
 import time
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from moaflow.learn import folds as folds_module
+from moaflow import layout
 from moaflow.errors import MoaflowError
-from moaflow.files import atomic_path, replace_folder, restore_folder, write_array, write_json, write_table
-from moaflow.logs import quiet_framework_startup, stderr
+from moaflow.files import atomic_path, write_array, write_json, write_table
+from moaflow.learn import folds as folds_module
+from moaflow.learn.checkpoints import FoldCheckpoint
+from moaflow.learn.devices import check_devices, prepare_environment
+from moaflow.learn.selection import ModelSelection
+from moaflow.logs import stderr
 from moaflow.tracking import LiveRun, is_server, resolve_uri
 
 #: Part of every fold's fingerprint: bump when a fold's outputs change meaning.
 TRAINING_CODE_VERSION = 3
-INSTALL_HINT = ("install a GPU build: pip install 'moaflow[tensorflow-cuda]' (TensorFlow), or "
-                "pip install 'moaflow[jax-cuda]' and set KERAS_BACKEND=jax, or pip install 'moaflow[torch]' "
-                "(CUDA wheels on Linux) and set KERAS_BACKEND=torch; or set training.allow_cpu: true to train "
-                "on the CPU on purpose")
-
-
-class DeviceError(MoaflowError):
-    """A job that asked for a GPU sees none."""
 
 
 class TrainingError(MoaflowError):
     """A fold's model gives unusable (non-finite) predictions."""
-
-
-def visible_devices() -> list[dict]:
-    """The devices the Keras backend sees: kind (cpu/gpu), name and memory (GiB, where the backend says)."""
-    import keras
-
-    backend = keras.backend.backend()
-    devices = []
-    if backend == "jax":
-        import jax
-
-        for d in jax.devices():
-            kind = "gpu" if d.platform in ("gpu", "cuda", "rocm") else d.platform
-            memory = None
-            if kind == "gpu":
-                stats = d.memory_stats() or {}
-                memory = stats.get("bytes_limit")
-            devices.append({"kind": kind, "name": d.device_kind, "memory_gb": memory and round(memory / 2**30, 1)})
-    elif backend == "torch":
-        import torch
-
-        devices.append({"kind": "cpu", "name": "cpu", "memory_gb": None})
-        for i in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(i)
-            devices.append({"kind": "gpu", "name": props.name, "memory_gb": round(props.total_memory / 2**30, 1)})
-    elif backend == "tensorflow":
-        import tensorflow as tf
-
-        for d in tf.config.list_physical_devices():
-            name = d.name
-            if d.device_type == "GPU":
-                name = tf.config.experimental.get_device_details(d).get("device_name", d.name)
-            devices.append({"kind": d.device_type.lower(), "name": name, "memory_gb": None})
-    else:
-        devices.append({"kind": "unknown", "name": backend, "memory_gb": None})
-    return devices
-
-
-def check_devices(gpus: int, allow_cpu: bool, log: Callable[[str], None] = stderr) -> dict:
-    """What this job computes on; stop at once when it asked for a GPU and sees none.
-
-    Parameters
-    ----------
-    gpus : int
-        GPUs the job's rule declares (``training.resources.gpu``).
-    allow_cpu : bool
-        ``training.allow_cpu``: train on the CPU on purpose although a GPU was asked for.
-
-    Raises
-    ------
-    DeviceError
-        With the install hint, when ``gpus >= 1``, no GPU is visible and CPU training is not allowed.
-    """
-    with quiet_framework_startup():
-        import keras
-
-        devices = visible_devices()
-    found = [d for d in devices if d["kind"] == "gpu"]
-    report = {"backend": keras.backend.backend(), "keras_version": keras.__version__, "devices": devices,
-              "gpus_requested": gpus, "gpus_visible": len(found)}
-    shown = ", ".join(f"{d['kind']}:{d['name']}" + (f" ({d['memory_gb']} GiB)" if d["memory_gb"] else "")
-                      for d in devices)
-    log(f"Keras {keras.__version__}, backend {report['backend']}; devices: {shown}")
-    if gpus >= 1 and not found:
-        if not allow_cpu:
-            raise DeviceError(f"this job asked for {gpus} GPU(s) (training.resources.gpu) but the "
-                              f"{report['backend']} backend sees none ({shown}): {INSTALL_HINT}")
-        log(f"WARNING: {gpus} GPU(s) asked for, none visible: training on the CPU (training.allow_cpu: true)")
-    return report
 
 
 def _now() -> str:
@@ -138,109 +68,63 @@ def fingerprint(**parts) -> str:
                                      default=str).encode()).hexdigest()[:16]
 
 
-def _optimizer(hyper: dict, steps_per_epoch: int):
-    import keras
+@dataclass
+class FoldRun:
+    """One fold while it trains: its splits and targets, history, model selection, checkpoint and live run."""
 
-    rate = hyper["learning_rate"]
-    if hyper["schedule"] == "warmup_cosine":
-        total = max(1, hyper["epochs"] * steps_per_epoch)
-        warmup = min(total - 1, hyper["warmup_epochs"] * steps_per_epoch)
-        rate = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=rate * 0.01, decay_steps=max(1, total - warmup),
-            warmup_target=rate, warmup_steps=warmup)
-    elif hyper["schedule"] != "constant":
-        raise ValueError(f"schedule={hyper['schedule']!r}: expected 'constant' or 'warmup_cosine'")
-    if hyper["optimizer"] == "sgd":
-        return keras.optimizers.SGD(learning_rate=rate, momentum=hyper["momentum"])
-    if hyper["optimizer"] == "adam":
-        return keras.optimizers.Adam(learning_rate=rate)
-    raise ValueError(f"optimizer={hyper['optimizer']!r}: expected 'sgd' or 'adam'")
+    row: dict
+    parts: dict[str, np.ndarray]
+    classes: list[str]
+    labels: np.ndarray
+    targets: np.ndarray
+    epochs: int
+    selection: ModelSelection
+    checkpoint: FoldCheckpoint
+    history: list[dict] = field(default_factory=list)
+    epochs_done: int = 0
+    started_at: str = field(default_factory=_now)
+    live: LiveRun | None = None
+
+    def save_checkpoint(self, trainer, done: int) -> None:
+        numbers, arrays = self.selection.state()
+        self.checkpoint.save(trainer.state(), {"epochs_done": done, "history": self.history, "selection": numbers,
+                                               "started_at": self.started_at}, arrays)
+
+    def resume(self, trainer, log) -> None:
+        """Continue from this fold's checkpoint, if it has one (the trainer's state included)."""
+        loaded = self.checkpoint.load(trainer.initial)
+        if loaded is None:
+            return
+        trainer_state, state, arrays = loaded
+        trainer.restore(trainer_state)
+        self.history, self.epochs_done, self.started_at = state["history"], state["epochs_done"], state["started_at"]
+        self.selection.restore(state["selection"], arrays)
+        log(f"resuming from the checkpoint after epoch {self.epochs_done}")
 
 
-def _loss_and_accuracy(probabilities: np.ndarray, labels: np.ndarray, head: str) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of predictions (unweighted), as Keras would report them."""
-    if len(labels) == 0:
-        return float("nan"), float("nan")
-    eps = 1e-7
-    if head == "sigmoid":
-        p = np.clip(probabilities[:, 0], eps, 1 - eps)
-        loss = -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
-        return float(loss), float(np.mean((p >= 0.5) == labels))
-    p = np.clip(probabilities[np.arange(len(labels)), labels], eps, 1)
-    return float(-np.mean(np.log(p))), float(np.mean(probabilities.argmax(1) == labels))
+def _labels(index: pd.DataFrame, head: str) -> tuple[list[str], np.ndarray]:
+    """Class names and each crop's class number: MoAs (softmax), or the BBBC014 label (sigmoid)."""
+    if head == "softmax":
+        classes = sorted(index["moa"].unique())
+        return classes, index["moa"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    return ["negative", "positive"], index["label"].to_numpy().astype(int)
 
 
-class _Trainer:
-    """One compiled model reused fold after fold (see the module docstring)."""
-
-    def __init__(self, store, architecture: str, n_classes: int, *, weights, hyper: dict, seed: int,
-                 steps_per_epoch: int, log):
-        import keras
-
-        from moaflow.learn.models import StudyAugmentation, build_model, embedding_model
-
-        self.store, self.hyper, self.log = store, hyper, log
-        keras.utils.set_random_seed(seed)
-        keras.config.set_dtype_policy(hyper["precision"])
-        self.model = build_model(architecture, store.shape[1], n_classes, weights=weights, head=hyper["head"],
-                                 augmentation=hyper["augmentation"], channel_order=hyper["channel_order"],
-                                 input_scaling=hyper["input_scaling"], seed=seed)
-        loss = "categorical_crossentropy" if hyper["head"] == "softmax" else "binary_crossentropy"
-        self.model.compile(optimizer=_optimizer(hyper, steps_per_epoch), loss=loss, metrics=["accuracy"],
-                           run_eagerly=hyper["run_eagerly"])
-        self.model.optimizer.build(self.model.trainable_variables)
-        self.augmentation = next((la for la in self.model.layers if isinstance(la, StudyAugmentation)), None)
-        # The pooled features before the head, sharing the model's weights: built (and compiled) once per job.
-        self.features = embedding_model(self.model)
-        self.initial = self._state()
-
-    def _state(self) -> dict[str, list[np.ndarray]]:
-        import keras
-
-        state = {"model": [np.array(w) for w in self.model.get_weights()],
-                 "optimizer": [keras.ops.convert_to_numpy(v) for v in self.model.optimizer.variables]}
-        if self.augmentation is not None:
-            state["augmentation"] = [keras.ops.convert_to_numpy(self.augmentation.seed_generator.state)]
-        return state
-
-    def _restore(self, state: dict[str, list[np.ndarray]]) -> None:
-        self.model.set_weights(state["model"])
-        for variable, value in zip(self.model.optimizer.variables, state["optimizer"]):
-            variable.assign(value)
-        if self.augmentation is not None:
-            self.augmentation.seed_generator.state.assign(state["augmentation"][0])
-
-    def reset(self) -> None:
-        """Back to the initial weights, optimizer state and augmentation seed."""
-        self._restore(self.initial)
-
-    def save_checkpoint(self, directory: Path, state: dict, arrays: dict[str, np.ndarray]) -> None:
-        """Model, optimizer and augmentation state, the run's state and arrays, swapped in as a whole."""
-        staging = directory.with_name(directory.name + ".next")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        current = self._state()
-        np.savez(staging / "state.npz", **{f"{k}_{i}": v for k, values in current.items() for i, v in
-                                           enumerate(values)}, **{f"extra_{k}": v for k, v in arrays.items()})
-        write_json(state, staging / "state.json")
-        replace_folder(staging, directory)
-
-    def load_checkpoint(self, directory: Path) -> tuple[dict, dict[str, np.ndarray]] | None:
-        restore_folder(directory)
-        if not (directory / "state.json").is_file():
-            return None
-        state = json.loads((directory / "state.json").read_text())
-        with np.load(directory / "state.npz") as data:
-            restored = {k: [data[f"{k}_{i}"] for i in range(len(v))] for k, v in self.initial.items()}
-            arrays = {k[len("extra_"):]: data[k] for k in data.files if k.startswith("extra_")}
-        self._restore(restored)
-        return state, arrays
+def _check_folds(table: pd.DataFrame, fold_names: list[str], hyper: dict, folds_path) -> None:
+    unknown = sorted(set(fold_names) - set(table["fold"]))
+    if unknown:
+        raise ValueError(f"{folds_path}: no fold(s) named {unknown}")
+    if hyper["model_selection"] == "best_validation":
+        empty = [f for f in fold_names if not table.loc[table["fold"] == f, "validation_groups"].iloc[0]]
+        if empty:
+            raise ValueError(f"model_selection best_validation needs validation compounds, but fold(s) {empty} of "
+                             f"{folds_path} have none (moaflow folds --validation-compounds N)")
 
 
 def train_job(
-    store_path: str | os.PathLike,
-    index_path: str | os.PathLike,
-    folds_path: str | os.PathLike,
+    store: str | os.PathLike,
+    index: str | os.PathLike,
+    folds: str | os.PathLike,
     fold_names: list[str],
     *,
     architecture: str,
@@ -249,12 +133,12 @@ def train_job(
     seed: int,
     models_dir: str | os.PathLike,
     checkpoints_dir: str | os.PathLike,
+    gpus: int,
+    allow_cpu: bool,
+    load_into_memory: str | bool,
+    checkpoint_minutes: float,
     dataset: str = "",
     init: str = "",
-    gpus: int = 0,
-    allow_cpu: bool = True,
-    load_into_memory: str | bool = "auto",
-    checkpoint_minutes: float = 10.0,
     receipt: str | os.PathLike | None = None,
     tracking: dict | None = None,
     occlusion: dict | None = None,
@@ -264,291 +148,252 @@ def train_job(
 
     Parameters
     ----------
-    store_path, index_path : path
+    store, index : path
         The crop store of the architecture's input size and its index.
-    folds_path : path
-        The folds file; ``fold_names`` name its rows.
+    folds : path
+        The folds file.
+    fold_names : list of str
+        The folds (rows of ``folds``) this job trains.
     architecture, weights
-        See `moaflow.learn.models.build_model`.
+        See `moaflow.learn.models.build_model` (``weights``: a notop file, or none/random).
     hyper : dict
-        From `moaflow.study.hyperparameters`.
+        Resolved hyper-parameters (`moaflow.learn.presets.hyperparameters`).
     seed : int
         Seeds the initial weights, the batch order and the augmentation.
     models_dir : path
         Each fold's outputs go to ``models_dir/<fold>/``.
     checkpoints_dir : path
         Per-fold checkpoints (``checkpoints_dir/<fold>/``), removed once the fold is done.
-    dataset, init : str
-        Recorded in ``run.json`` for tracking.
     gpus, allow_cpu
-        See `check_devices`.
+        GPUs this job was given (>= 1 stops at once when none is visible, 0 hides GPUs), and whether to train
+        on the CPU on purpose although a GPU was asked for (``training.allow_cpu``).
     load_into_memory : "auto" or bool
         See `moaflow.learn.feeder.open_store`.
     checkpoint_minutes : float
         Checkpoint a fold when this long has passed since its last checkpoint (0: every epoch).
+    dataset, init : str
+        Recorded in ``run.json`` for tracking.
     receipt : path, optional
-        Where to write the job's summary (the Snakemake rule's output).
+        Where to write the job's summary (the rule's output): per fold its fingerprint, whether it was kept
+        from an earlier run, and its held-out accuracy (also returned).
     tracking : dict, optional
-        ``uri``, ``experiment`` and ``parent_file``: with a tracking server each fold is logged live
-        (`moaflow.tracking.LiveRun`).
+        ``uri``, ``experiment`` and ``parent_file``: with a tracking server each fold is logged live.
     occlusion : dict, optional
-        ``examples`` and ``grid``: occlusion maps of that many held-out crops per fold
-        (``test_occlusion.npz``, for the report's interpretation).
-
-    Returns
-    -------
-    summary : dict
-        Per fold: fingerprint, whether it was kept from an earlier run, held-out accuracy.
+        ``examples`` and ``grid``: occlusion maps of that many held-out crops per fold.
     """
+    prepare_environment(gpus)
     device = check_devices(gpus, allow_cpu, log)   # first: it imports Keras with the start-up noise filtered
-    from moaflow.learn.feeder import open_store
-
-    index = pd.read_parquet(index_path)
-    table = folds_module.read_folds(folds_path)
-    unknown = sorted(set(fold_names) - set(table["fold"]))
-    if unknown:
-        raise ValueError(f"{folds_path}: no fold(s) named {unknown}")
-    if hyper["model_selection"] == "best_validation":
-        empty = [f for f in fold_names if not table.loc[table["fold"] == f, "validation_groups"].iloc[0]]
-        if empty:
-            raise ValueError(f"model_selection best_validation needs validation compounds, but fold(s) {empty} of "
-                             f"{folds_path} have none (moaflow folds --validation-compounds N)")
-    if hyper["head"] == "softmax":
-        classes = sorted(index["moa"].unique())
-        labels = index["moa"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    else:
-        classes = ["negative", "positive"]
-        labels = index["label"].to_numpy().astype(int)
-    identity = {"store": _file_identity(store_path), "index": hashlib.sha256(Path(index_path).read_bytes()).hexdigest(),
-                "weights": _file_identity(weights) if weights and Path(str(weights)).is_file() else weights,
-                "architecture": architecture, "hyper": hyper, "seed": seed, "classes": classes}
+    crop_index, table = pd.read_parquet(index), folds_module.read_folds(folds)
+    _check_folds(table, fold_names, hyper, folds)
+    classes, labels = _labels(crop_index, hyper["head"])
+    identity = _identity(store, index, weights, architecture=architecture, hyper=hyper, seed=seed, classes=classes)
     models_dir, checkpoints_dir = Path(models_dir), Path(checkpoints_dir)
-    todo, summary = [], {"folds": {}, "device": device}
-    for fold in fold_names:
-        fold_row = table[table["fold"] == fold].iloc[0].to_dict()
-        print_ = fingerprint(fold=fold_row, **identity)
-        run_path = models_dir / fold / "run.json"
-        if run_path.is_file() and json.loads(run_path.read_text()).get("fingerprint") == print_:
-            log(f"{fold}: already trained with these settings and data; kept")
-            summary["folds"][fold] = {"fingerprint": print_, "kept": True,
-                                      "test_accuracy": json.loads(run_path.read_text())["test_accuracy"]}
-        else:
-            todo.append((fold, fold_row, print_))
+    kept, todo = _kept_folds(table, fold_names, identity, models_dir, log)
+    summary = {"folds": kept, "device": device}
     if todo:
-        store = open_store(store_path, load_into_memory, log)
-        if len(store) != len(index):
-            raise ValueError(f"{store_path}: {len(store)} crops but {index_path} has {len(index)} rows")
-        first_parts = folds_module.split(index, todo[0][1])
-        steps = int(np.ceil(len(first_parts["train"]) / hyper["batch_size"]))
-        if hyper["steps_per_epoch"]:
-            steps = min(steps, hyper["steps_per_epoch"])
-        trainer = _Trainer(store, architecture, len(classes), weights=weights, hyper=hyper, seed=seed,
-                           steps_per_epoch=steps, log=log)
-        # A fold's last step (compressing its model, run.json) overlaps the next fold's training.
-        with ThreadPoolExecutor(max_workers=1) as finishing:
-            pending = []
-            for n, (fold, fold_row, print_) in enumerate(todo, 1):
-                log(f"fold {n}/{len(todo)} of this job: {fold}")
-                run = _train_fold(trainer, index, labels, classes, fold_row, hyper=hyper, seed=seed,
-                                  out_dir=models_dir / fold, checkpoint_dir=checkpoints_dir / fold,
-                                  checkpoint_minutes=checkpoint_minutes, log=log, tracking=tracking,
-                                  occlusion=occlusion,
-                                  record={"dataset": dataset, "init": init, "architecture": architecture,
-                                          "weights": weights, "seed": seed, "fingerprint": print_,
-                                          "index_path": str(index_path), **device})
-                pending.append(finishing.submit(finish_fold, models_dir / fold, checkpoints_dir / fold, run))
-                summary["folds"][fold] = {"fingerprint": print_, "kept": False, "test_accuracy": run["test_accuracy"]}
-            for future in pending:
-                future.result()   # an error finishing a fold fails the job
+        record = {"dataset": dataset, "init": init, "architecture": architecture, "weights": weights, "seed": seed,
+                  "index_path": str(index), **device}
+        summary["folds"].update(_train_folds(store, crop_index, labels, classes, todo, architecture=architecture,
+                                             weights=weights, hyper=hyper, seed=seed, models_dir=models_dir,
+                                             checkpoints_dir=checkpoints_dir, load_into_memory=load_into_memory,
+                                             checkpoint_minutes=checkpoint_minutes, record=record,
+                                             tracking=tracking, occlusion=occlusion, log=log))
     if receipt is not None:
         write_json(summary, receipt)
     return summary
 
 
-def _train_fold(trainer: _Trainer, index: pd.DataFrame, labels: np.ndarray, classes: list[str], fold_row: dict, *,
-                hyper: dict, seed: int, out_dir: Path, checkpoint_dir: Path, checkpoint_minutes: float,
-                record: dict, log, tracking: dict | None = None, occlusion: dict | None = None) -> dict:
-    import keras
+def _identity(store, index, weights, **settings) -> dict:
+    """What decides a fold's result besides its row: the data's identity and the settings (the fingerprint's)."""
+    return {"store": _file_identity(store), "index": hashlib.sha256(Path(index).read_bytes()).hexdigest(),
+            "weights": _file_identity(weights) if weights and Path(str(weights)).is_file() else weights, **settings}
 
-    from moaflow.learn.feeder import CropBatches, class_weights, predict
 
-    store, model, head = trainer.store, trainer.model, hyper["head"]
-    parts = folds_module.split(index, fold_row)
-    train_rows = parts["train"]
-    targets = (np.eye(len(classes), dtype=np.float32)[labels] if head == "softmax"
+def _kept_folds(table: pd.DataFrame, fold_names: list[str], identity: dict, models_dir: Path, log):
+    """Folds whose ``run.json`` has the same fingerprint (kept: name -> summary), and the others to train
+    (their folds-file row and fingerprint)."""
+    kept, todo = {}, []
+    for fold in fold_names:
+        row = table[table["fold"] == fold].iloc[0].to_dict()
+        print_ = fingerprint(fold=row, **identity)
+        run_path = layout.fold_file(models_dir / fold, "run")
+        run = json.loads(run_path.read_text()) if run_path.is_file() else {}
+        if run.get("fingerprint") == print_:
+            log(f"{fold}: already trained with these settings and data; kept")
+            kept[fold] = {"fingerprint": print_, "kept": True, "test_accuracy": run["test_accuracy"]}
+        else:
+            todo.append((row, print_))
+    return kept, todo
+
+
+def _train_folds(store_path, index, labels, classes, todo, *, architecture, weights, hyper, seed, models_dir,
+                 checkpoints_dir, load_into_memory, checkpoint_minutes, record, tracking, occlusion, log) -> dict:
+    """Train the ``todo`` folds (row, fingerprint) with one `Trainer`; per fold: fingerprint and accuracy."""
+    from moaflow.learn.feeder import open_store
+    from moaflow.learn.trainer import Trainer
+
+    store = open_store(store_path, load_into_memory, log)
+    if len(store) != len(index):
+        raise ValueError(f"{store_path}: {len(store)} crops but its index has {len(index)} rows")
+    steps = int(np.ceil(len(folds_module.split(index, todo[0][0])["train"]) / hyper["batch_size"]))
+    if hyper["steps_per_epoch"]:
+        steps = min(steps, hyper["steps_per_epoch"])
+    trainer = Trainer(store, architecture, len(classes), weights=weights, hyper=hyper, seed=seed,
+                      steps_per_epoch=steps)
+    done = {}
+    # A fold's last step (compressing its model, run.json) overlaps the next fold's training.
+    with ThreadPoolExecutor(max_workers=1) as finishing:
+        pending = []
+        for n, (row, print_) in enumerate(todo, 1):
+            log(f"fold {n}/{len(todo)} of this job: {row['fold']}")
+            run = _train_fold(trainer, index, labels, classes, row, hyper=hyper, seed=seed,
+                              out_dir=models_dir / row["fold"],
+                              checkpoint=FoldCheckpoint(checkpoints_dir / row["fold"], checkpoint_minutes),
+                              record={**record, "fingerprint": print_}, tracking=tracking, occlusion=occlusion,
+                              log=log)
+            pending.append(finishing.submit(finish_fold, models_dir / row["fold"], checkpoints_dir / row["fold"], run))
+            done[row["fold"]] = {"fingerprint": print_, "kept": False, "test_accuracy": run["test_accuracy"]}
+        for future in pending:
+            future.result()   # an error finishing a fold fails the job
+    return done
+
+
+def _start_fold(trainer, index, labels, classes, row, *, hyper, checkpoint, record, tracking, log) -> FoldRun:
+    """The fold's splits and targets, the trainer reset (or resumed from the fold's checkpoint), its live run."""
+    parts = folds_module.split(index, row)
+    targets = (np.eye(len(classes), dtype=np.float32)[labels] if hyper["head"] == "softmax"
                else labels.astype(np.float32)[:, None])
-    sample_weights = None
-    if hyper["class_weights"]:
-        sample_weights = class_weights(labels[train_rows], len(classes))[labels[train_rows]]
-    train_set = CropBatches(store, train_rows, targets[train_rows], hyper["batch_size"], shuffle=True, seed=seed,
-                            weights=sample_weights, full_batches=True, max_batches=hyper["steps_per_epoch"])
+    fold = FoldRun(row=row, parts=parts, classes=classes, labels=labels, targets=targets, epochs=hyper["epochs"],
+                   selection=ModelSelection(hyper["model_selection"], hyper["epochs"], hyper["selection_epochs"]),
+                   checkpoint=checkpoint)
     trainer.reset()
-    history: list[dict] = []
-    initial_epoch = 0
-    selection = {"best_accuracy": -1.0, "best_epoch": 0}
-    kept = {"best": None, "mean": {}}   # best weights; summed predictions of the last epochs
-    resumed = trainer.load_checkpoint(checkpoint_dir)
-    started_at = _now()
-    if resumed is not None:
-        state, arrays = resumed
-        history, initial_epoch, selection = state["history"], state["epochs_done"], state["selection"]
-        started_at = state.get("started_at", started_at)
-        kept["mean"] = {k[len("mean_"):]: v for k, v in arrays.items() if k.startswith("mean_")}
-        if "best_weights_0" in arrays:
-            kept["best"] = [arrays[f"best_weights_{i}"] for i in range(sum(k.startswith("best_weights_")
-                                                                         for k in arrays))]
-        log(f"resuming from the checkpoint after epoch {initial_epoch}")
-    epochs = hyper["epochs"]
-    log(f"{record['architecture']} {fold_row['fold']}: {len(train_rows)} training, {len(parts['validation'])} "
-        f"validation, {len(parts['test'])} test images; {len(classes)} classes; input {store.shape[1]}; "
+    fold.resume(trainer, log)
+    log(f"{record['architecture']} {row['fold']}: {len(parts['train'])} training, {len(parts['validation'])} "
+        f"validation, {len(parts['test'])} test images; {len(classes)} classes; input {trainer.store.shape[1]}; "
         f"batch {hyper['batch_size']}; precision {hyper['precision']}")
-    last_checkpoint = time.monotonic()
-    first_last_epoch = max(1, epochs - hyper["selection_epochs"] + 1)
-    record = {**record, "fold": fold_row["fold"], "test_group": fold_row["test_group"],
-              "validation_groups": fold_row["validation_groups"], "group_column": fold_row["group_column"],
-              "excluded_batches": fold_row["excluded_batches"], "hyperparameters": hyper, "classes": classes,
-              "input_size": int(store.shape[1]), "n_train": int(len(train_rows)),
-              "n_validation": int(len(parts["validation"])), "n_test": int(len(parts["test"])),
-              "started_at": started_at}
-    live = None
-    if tracking and is_server(resolve_uri(tracking.get("uri"))):
-        live = LiveRun(resolve_uri(tracking.get("uri")), tracking["experiment"], tracking.get("parent_file"),
-                       record, log)
+    uri = resolve_uri((tracking or {}).get("uri"))
+    if tracking and is_server(uri):
+        fold.live = LiveRun(uri, tracking["experiment"], tracking.get("parent_file"),
+                            _record(record, fold, hyper, classes, trainer), log)
+    return fold
 
-    class EpochEnd(keras.callbacks.Callback):
-        """Held-out predictions, model selection and (time-based) checkpoints after every epoch."""
 
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.monotonic()
+def _record(record: dict, fold: FoldRun, hyper: dict, classes: list[str], trainer) -> dict:
+    row, parts = fold.row, fold.parts
+    return {**record, "fold": row["fold"], "test_group": row["test_group"], "validation_groups": row["validation_groups"],
+            "group_column": row["group_column"], "excluded_batches": row["excluded_batches"], "hyperparameters": hyper,
+            "classes": classes, "input_size": int(trainer.store.shape[1]), "n_train": int(len(parts["train"])),
+            "n_validation": int(len(parts["validation"])), "n_test": int(len(parts["test"])),
+            "started_at": fold.started_at}
 
-        def on_epoch_end(self, epoch, logs=None):
-            nonlocal last_checkpoint
-            seconds = time.monotonic() - self.started
-            logs = {k: float(v) for k, v in (logs or {}).items()}
-            logs["images_per_second"] = len(train_set) * hyper["batch_size"] / seconds
-            predicted = {name: predict(model, store, parts[name], hyper["batch_size"])
-                         for name in ("test", "validation")}
-            for name, short in (("test", "test"), ("validation", "val")):
-                loss, accuracy = _loss_and_accuracy(predicted[name], labels[parts[name]], head)
-                if len(parts[name]):
-                    logs.update({f"{short}_loss": loss, f"{short}_accuracy": accuracy})
-            logs["seconds"] = time.monotonic() - self.started
-            history.append({"epoch": epoch + 1, **logs})
-            if live is not None:
-                live.epoch(epoch + 1, logs)
-            if hyper["model_selection"] == "best_validation" and logs["val_accuracy"] > selection["best_accuracy"]:
-                selection.update(best_accuracy=logs["val_accuracy"], best_epoch=epoch + 1)
-                kept["best"] = [np.array(w) for w in model.get_weights()]
-            if hyper["model_selection"] == "mean_last" and epoch + 1 >= first_last_epoch:
-                for name, values in predicted.items():
-                    kept["mean"][name] = kept["mean"].get(name, 0) + values
-            done = epoch + 1
-            mean_time = np.mean([h["seconds"] for h in history[-5:]])
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in logs.items() if k not in ("seconds", "images_per_second"))
-            log(f"epoch {done}/{epochs}: {shown} ({logs['seconds']:.1f} s, {logs['images_per_second']:,.0f} "
-                f"images/s, ETA {mean_time * (epochs - done):.0f} s)")
-            if done < epochs and time.monotonic() - last_checkpoint >= 60 * checkpoint_minutes:
-                arrays = {f"mean_{k}": v for k, v in kept["mean"].items() if isinstance(v, np.ndarray)}
-                if kept["best"] is not None:
-                    arrays.update({f"best_weights_{i}": w for i, w in enumerate(kept["best"])})
-                trainer.save_checkpoint(checkpoint_dir, {"epochs_done": done, "history": history,
-                                                         "selection": selection, "started_at": started_at}, arrays)
-                last_checkpoint = time.monotonic()
 
+def _fit(trainer, fold: FoldRun, hyper: dict, seed: int, log) -> float:
+    """Train the fold's remaining epochs; seconds taken."""
+    from moaflow.learn.feeder import CropBatches, class_weights
+    from moaflow.learn.trainer import EpochEnd
+
+    rows = fold.parts["train"]
+    weights = None
+    if hyper["class_weights"]:
+        weights = class_weights(fold.labels[rows], len(fold.classes))[fold.labels[rows]]
+    train_set = CropBatches(trainer.store, rows, fold.targets[rows], hyper["batch_size"], shuffle=True, seed=seed,
+                            weights=weights, full_batches=True, max_batches=hyper["steps_per_epoch"])
     started = time.monotonic()
-    if initial_epoch < epochs:
-        train_set.set_epoch(initial_epoch)
+    if fold.epochs_done < fold.epochs:
+        train_set.set_epoch(fold.epochs_done)
         # shuffle=False: CropBatches shuffles by (seed, epoch); Keras' own shuffle would reorder batches
         # from Python's global random state, so a fold would depend on what ran before it.
-        model.fit(train_set, epochs=epochs, initial_epoch=initial_epoch, callbacks=[EpochEnd()], verbose=0,
-                  shuffle=False)
-    seconds = time.monotonic() - started
+        trainer.model.fit(train_set, epochs=fold.epochs, initial_epoch=fold.epochs_done, verbose=0, shuffle=False,
+                          callbacks=[EpochEnd(trainer, fold, len(train_set) * hyper["batch_size"], log)])
+    return time.monotonic() - started
 
-    # The model whose predictions are reported (training.<dataset>.hyperparameters.model_selection).
-    if hyper["model_selection"] == "best_validation" and kept["best"] is not None:
-        model.set_weights(kept["best"])
-        chosen = f"best_validation (epoch {selection['best_epoch']}, validation accuracy " \
-                 f"{selection['best_accuracy']:.3f})"
-    elif hyper["model_selection"] == "mean_last":
-        chosen = f"mean of epochs {first_last_epoch}-{epochs}"
-    else:
-        chosen = f"last (epoch {epochs})"
-    frames = {}
-    for name in ("test", "validation"):
-        positions = parts[name]
-        if hyper["model_selection"] == "mean_last" and name in kept["mean"]:
-            probabilities = kept["mean"][name] / (epochs - first_last_epoch + 1)
-        else:
-            probabilities = predict(model, store, positions, hyper["batch_size"])
-        broken = int((~np.isfinite(probabilities)).any(axis=1).sum())
-        if broken:
-            # NaN scores would pass as wrong answers (argmax of NaN is 0): stop, naming the fold.
-            raise TrainingError(f"{record['architecture']} fold {fold_row['fold']}: {broken} of {len(positions)} "
-                                f"{name} predictions are not finite (NaN or inf) after {len(history)} epoch(s): "
-                                f"training diverged (learning rate, precision) or the initial weights are broken")
-        if head == "sigmoid":
-            probabilities = np.concatenate([1 - probabilities, probabilities], axis=1)
-        frame = index.iloc[positions].reset_index(drop=True).copy()
-        frame.insert(0, "split", name)
-        frame["fold"] = fold_row["fold"]
-        frame["true"] = [classes[i] for i in labels[positions]]
-        for k, c in enumerate(classes):
-            frame[f"p_{c}"] = probabilities[:, k].astype(np.float64)
-        frames[name] = frame
 
-    def accuracy(name):
-        frame = frames[name]
-        if frame.empty:
-            return None
-        return float(np.mean(frame[[f"p_{c}" for c in classes]].to_numpy().argmax(1) == labels[parts[name]]))
+def _predictions(trainer, fold: FoldRun, index, classes, record: dict, head: str, name: str) -> pd.DataFrame:
+    """One split's reported predictions as a table: the index's columns, split, fold, true class, ``p_<class>``."""
+    positions = fold.parts[name]
+    probabilities = fold.selection.predictions(name, lambda: trainer.predict(positions))
+    broken = int((~np.isfinite(probabilities)).any(axis=1).sum())
+    if broken:
+        # NaN scores would pass as wrong answers (argmax of NaN is 0): stop, naming the fold.
+        raise TrainingError(f"{record['architecture']} fold {fold.row['fold']}: {broken} of {len(positions)} "
+                            f"{name} predictions are not finite (NaN or inf) after {len(fold.history)} epoch(s): "
+                            f"training diverged (learning rate, precision) or the initial weights are broken")
+    if head == "sigmoid":
+        probabilities = np.concatenate([1 - probabilities, probabilities], axis=1)
+    frame = index.iloc[positions].reset_index(drop=True).copy()
+    frame.insert(0, "split", name)
+    frame["fold"] = fold.row["fold"]
+    frame["true"] = [classes[i] for i in fold.labels[positions]]
+    for k, c in enumerate(classes):
+        frame[f"p_{c}"] = probabilities[:, k].astype(np.float64)
+    return frame
 
-    from moaflow.analysis.interpretation import occlusion_maps
-    from moaflow.learn.models import inference_model
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "model.keras") as tmp:
-        inference_model(model).save(tmp)
-    # Profiling's features of the held-out crops, from this fold's model: no query is embedded by a model
-    # that trained on it. Rows follow test_predictions.parquet.
-    write_array(predict(trainer.features, store, parts["test"], hyper["batch_size"]).astype(np.float32),
-                out_dir / "test_embeddings.npy")
-    if occlusion and occlusion["examples"] and len(parts["test"]):
-        # Occlusion maps of a few held-out crops (the report's interpretation), with the model still in memory.
-        rows = parts["test"][:: max(1, len(parts["test"]) // occlusion["examples"])][: occlusion["examples"]]
-        images = np.asarray(store[rows])
-        targets = labels[rows] if head == "softmax" else np.zeros(len(rows), int)   # sigmoid: p(positive)
-        maps = occlusion_maps(lambda x: _padded_predict(model, x, hyper["batch_size"]), images, targets,
-                              grid=occlusion["grid"])
-        np.savez(out_dir / "test_occlusion.npz", crop_id=index["crop_id"].to_numpy()[rows], maps=maps)
-    for name, frame in frames.items():
-        write_table(frame, out_dir / f"{name}_predictions.parquet")
-    write_table(pd.DataFrame(history), out_dir / "history.tsv")
-    measured = [h["images_per_second"] for h in history[1:]] or [h["images_per_second"] for h in history]
-    run = {
-        **record, "train_seconds": seconds, "images_per_second": float(np.median(measured)) if measured else None,
-        "dtype_policy": hyper["precision"], "jit_compile": bool(getattr(model, "jit_compile", False)),
-        "run_eagerly": bool(hyper["run_eagerly"]), "batch_size": hyper["batch_size"], "model_selection": chosen,
-        "test_accuracy": accuracy("test"), "validation_accuracy": accuracy("validation"), "finished_at": _now(),
-    }
-    if live is not None:
-        live.finish(run)
-        run.update(mlflow_run_id=live.run_id, mlflow_tracking_uri=resolve_uri(tracking.get("uri")))
-    log(f"done: held-out accuracy {run['test_accuracy'] if run['test_accuracy'] is None else round(run['test_accuracy'], 3)}"
-        f" ({chosen}) after {len(history)} epochs, {run['images_per_second'] or 0:,.0f} images/s")
+def _accuracy(frame: pd.DataFrame, classes: list[str]) -> float | None:
+    if frame.empty:
+        return None
+    return float(np.mean(np.asarray(classes)[frame[[f"p_{c}" for c in classes]].to_numpy().argmax(1)]
+                         == frame["true"].to_numpy()))
+
+
+def _train_fold(trainer, index, labels, classes, row, *, hyper, seed, out_dir: Path, checkpoint: FoldCheckpoint,
+                record: dict, tracking: dict | None, occlusion: dict | None, log) -> dict:
+    """Train one fold and write its outputs (but ``run.json``, which `finish_fold` writes); its run record."""
+    fold = _start_fold(trainer, index, labels, classes, row, hyper=hyper, checkpoint=checkpoint, record=record,
+                       tracking=tracking, log=log)
+    seconds = _fit(trainer, fold, hyper, seed, log)
+    chosen = fold.selection.choose(trainer.model.set_weights)
+    frames = {name: _predictions(trainer, fold, index, classes, record, hyper["head"], name)
+              for name in ("test", "validation")}
+    _write_fold_outputs(trainer, fold, frames, index, out_dir, occlusion)
+    measured = [h["images_per_second"] for h in fold.history[1:]] or [h["images_per_second"] for h in fold.history]
+    run = {**_record(record, fold, hyper, classes, trainer), "train_seconds": seconds,
+           "images_per_second": float(np.median(measured)) if measured else None,
+           "dtype_policy": hyper["precision"], "jit_compile": bool(getattr(trainer.model, "jit_compile", False)),
+           "run_eagerly": bool(hyper["run_eagerly"]), "batch_size": hyper["batch_size"], "model_selection": chosen,
+           "test_accuracy": _accuracy(frames["test"], classes),
+           "validation_accuracy": _accuracy(frames["validation"], classes), "finished_at": _now()}
+    if fold.live is not None:
+        fold.live.finish(run)
+        run.update(mlflow_run_id=fold.live.run_id, mlflow_tracking_uri=resolve_uri(tracking.get("uri")))
+    accuracy = run["test_accuracy"]
+    log(f"done: held-out accuracy {accuracy if accuracy is None else round(accuracy, 3)} ({chosen}) after "
+        f"{len(fold.history)} epochs, {run['images_per_second'] or 0:,.0f} images/s")
     return run
 
 
-def _padded_predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
+def _write_fold_outputs(trainer, fold: FoldRun, frames: dict, index: pd.DataFrame, out_dir: Path,
+                        occlusion: dict | None) -> None:
+    """The inference model, the held-out crops' features and occlusion maps, the predictions and the history."""
+    from moaflow.analysis.interpretation import occlusion_maps
     from moaflow.learn.feeder import predict
+    from moaflow.learn.models import inference_model
 
-    return predict(model, images, np.arange(len(images)), batch_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(layout.fold_file(out_dir, "model")) as tmp:
+        inference_model(trainer.model).save(tmp)
+    # Profiling's features of the held-out crops, from this fold's model: no query is embedded by a model
+    # that trained on it. Rows follow the test predictions.
+    test = fold.parts["test"]
+    write_array(trainer.embed(test).astype(np.float32), layout.fold_file(out_dir, "test_embeddings"))
+    if occlusion and occlusion["examples"] and len(test):
+        # Occlusion maps of a few held-out crops (the report's interpretation), with the model still in memory.
+        rows = test[:: max(1, len(test) // occlusion["examples"])][: occlusion["examples"]]
+        targets = fold.labels[rows] if trainer.hyper["head"] == "softmax" else np.zeros(len(rows), int)
+        batch = trainer.hyper["batch_size"]
+        maps = occlusion_maps(lambda x: predict(trainer.model, x, np.arange(len(x)), batch),
+                              np.asarray(trainer.store[rows]), targets, grid=occlusion["grid"])
+        np.savez(layout.fold_file(out_dir, "test_occlusion"), crop_id=index["crop_id"].to_numpy()[rows], maps=maps)
+    for name, frame in frames.items():
+        write_table(frame, layout.fold_file(out_dir, f"{name}_predictions"))
+    write_table(pd.DataFrame(fold.history), layout.fold_file(out_dir, "history"))
 
 
 def finish_fold(out_dir: Path, checkpoint_dir: Path, run: dict) -> None:
     """Compress the fold's saved model, then write ``run.json`` (last: a fold with it is complete) and drop
     the checkpoint. Run in a thread while the next fold trains: DEFLATE takes seconds for the large networks."""
-    compress_keras(out_dir / "model.keras")
-    write_json(run, out_dir / "run.json")
+    compress_keras(layout.fold_file(out_dir, "model"))
+    write_json(run, layout.fold_file(out_dir, "run"))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 

@@ -119,25 +119,38 @@ def plot_functions(functions: dict[str, np.ndarray], path: str | os.PathLike, ti
     save_figure(fig, path, dpi=80)
 
 
-def plate_illumination(image_csv: str | os.PathLike, image_root: str | os.PathLike, plate: str,
-                       output_dir: str | os.PathLike, *, filter_size: float, downscale: int = 1,
-                       robust_percentile: float = 2.0, log=stderr) -> dict[str, np.ndarray]:
+def plate_illumination(image_csv: str | os.PathLike, plate_images: str | os.PathLike, plate: str,
+                       functions: list[str], figure: str | os.PathLike, *, filter_size: float, downscale: int,
+                       robust_percentile: float, log=stderr) -> dict[str, np.ndarray]:
     """Illumination functions of every channel of one plate, from all its fields (CellProfiler's "All").
 
-    Writes ``<output_dir>/<plate>_<channel>.npy`` per channel and the QC figure ``<plate>.png``.
+    Parameters
+    ----------
+    image_csv : path
+        The Broad's image CSV (which fields the plate has).
+    plate_images : path
+        The plate's extracted TIFFs.
+    plate : str
+        The plate's name in the CSV.
+    functions : list of path
+        Where each channel's function goes (``.npy``), in `moaflow.study.BBBC021_CHANNELS` order.
+    figure : path
+        The QC figure of the three functions.
+    filter_size, downscale, robust_percentile
+        See `illumination_function`.
     """
+    if len(functions) != len(BBBC021_CHANNELS):
+        raise ValueError(f"functions: {len(functions)} paths, expected one per channel {BBBC021_CHANNELS}")
     frame = pd.read_csv(image_csv, low_memory=False)
     rows = frame[frame["Image_Metadata_Plate_DAPI"] == plate]
     if rows.empty:
         raise MetadataError(f"{image_csv}: no fields for plate {plate!r}")
-    out = Path(output_dir)
-    functions = {}
+    computed = {}
     for channel in BBBC021_CHANNELS:
-        paths = [Path(image_root) / plate / name for name in rows[f"Image_FileName_{channel}"]]
+        paths = [Path(plate_images) / name for name in rows[f"Image_FileName_{channel}"]]
         average = mean_image(paths, log=log, label=f"{plate} {channel}")
-        functions[channel] = illumination_function(average, filter_size, downscale, robust_percentile)
-    for channel, function in functions.items():
-        write_array(function, out / f"{plate}_{channel}.npy")
-    plot_functions(functions, out / f"{plate}.png", f"Illumination functions, {plate}")
-    return functions
-
+        computed[channel] = illumination_function(average, filter_size, downscale, robust_percentile)
+    for path, function in zip(functions, computed.values()):
+        write_array(function, path)
+    plot_functions(computed, figure, f"Illumination functions, {plate}")
+    return computed

@@ -19,12 +19,12 @@ the float image).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
 from moaflow.study import BBBC021_CHANNELS, BBBC021_STORED_ORDER
-
-#: The original's empty-crop threshold on the 0..255 float image.
-EMPTY_THRESHOLD = 255 / 5.1
 
 
 def anscombe(x: np.ndarray) -> np.ndarray:
@@ -87,9 +87,8 @@ def dmso_statistics(fields: list[np.ndarray], illumination: np.ndarray | None = 
     return np.array(means), np.array(stds)
 
 
-def study_normalise(field: np.ndarray, mean: np.ndarray, std: np.ndarray,
-                    illumination: np.ndarray | None = None, threshold: float = EMPTY_THRESHOLD
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def study_normalise(field: np.ndarray, mean: np.ndarray, std: np.ndarray, illumination: np.ndarray | None, *,
+                    threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """The study's normalisation of one field.
 
     Parameters
@@ -98,10 +97,11 @@ def study_normalise(field: np.ndarray, mean: np.ndarray, std: np.ndarray,
         Raw counts, channels in `moaflow.study.BBBC021_CHANNELS` order.
     mean, std : ndarray (C,)
         From `dmso_statistics` of the field's plate.
-    illumination : ndarray (C, M, N), optional
+    illumination : ndarray (C, M, N) or None
         Divide by it before the Anscombe transform (not in the original study).
     threshold : float
-        Values of the 0..255 float image above it are flagged in ``above``.
+        Values of the 0..255 float image above it are flagged in ``above``
+        (``preprocess.bbbc021.empty_threshold``).
 
     Returns
     -------
@@ -132,8 +132,8 @@ def study_normalise(field: np.ndarray, mean: np.ndarray, std: np.ndarray,
     return to_stored_order(image), to_stored_order(above)
 
 
-def percentile_statistics(fields: list[np.ndarray], percentiles: tuple[float, float],
-                          illumination: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def percentile_statistics(fields: list[np.ndarray], illumination: np.ndarray | None = None, *,
+                          percentiles: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel low/high percentiles of the plate's DMSO pixels (the alternative normalisation)."""
     if not fields:
         raise ValueError("no DMSO fields on this plate: the percentile normalisation needs them")
@@ -148,12 +148,38 @@ def percentile_statistics(fields: list[np.ndarray], percentiles: tuple[float, fl
     return np.array(lows), np.array(highs)
 
 
-def percentile_normalise(field: np.ndarray, low: np.ndarray, high: np.ndarray,
-                         illumination: np.ndarray | None = None, threshold: float = EMPTY_THRESHOLD
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def percentile_normalise(field: np.ndarray, low: np.ndarray, high: np.ndarray, illumination: np.ndarray | None,
+                         *, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Scale each channel linearly so the plate's DMSO percentiles map to 0 and 255, clipped."""
     values = field.astype(np.float32)
     if illumination is not None:
         values = values / illumination
     scaled = np.clip((values - low[:, None, None]) / (high - low)[:, None, None] * 255, 0, 255)
     return to_stored_order(scaled.astype(np.uint8)), to_stored_order(scaled > threshold)
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """One way to map a plate's 16-bit fields to 8 bit (``preprocess.<dataset>.normalisation``).
+
+    Attributes
+    ----------
+    statistics : callable
+        ``statistics(dmso_fields, illumination, **options)``: the plate's statistics from its DMSO fields.
+    normalise : callable
+        ``normalise(field, *statistics, illumination, threshold=...)`` -> (uint8 image in stored order,
+        where the float image exceeded ``threshold`` before truncation).
+    options : tuple of str
+        The ``preprocess.<dataset>`` settings ``statistics`` takes as keywords.
+    """
+
+    statistics: Callable
+    normalise: Callable
+    options: tuple[str, ...] = ()
+
+
+#: The image normalisations by name: add one here (and its test).
+NORMALISATIONS = {
+    "study": Normalisation(dmso_statistics, study_normalise),
+    "percentile": Normalisation(percentile_statistics, percentile_normalise, options=("percentiles",)),
+}

@@ -43,12 +43,12 @@ def preprocess_plate(
     fields: pd.DataFrame,
     *,
     sizes: list[int],
-    grid: tuple[int, int] = (2, 2),
-    normalisation: str = "study",
-    percentiles: tuple[float, float] = (1.0, 99.9),
+    grid: tuple[int, int],
+    normalisation: str,
+    percentiles: tuple[float, float],
+    empty_threshold: float,
+    empty_fraction: float,
     illumination: np.ndarray | None = None,
-    empty_threshold: float = intensity.EMPTY_THRESHOLD,
-    empty_fraction: float = 0.002,
     controls: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
@@ -63,7 +63,8 @@ def preprocess_plate(
         Square input sizes to produce (224, 299, 256 ...).
     grid : tuple of int
         Crops per field as (rows, columns).
-    normalisation : {"study", "percentile"}
+    normalisation : str
+        A name of `moaflow.preprocess.intensity.NORMALISATIONS` (``"study"``, ``"percentile"``).
     percentiles : tuple of float
         For ``"percentile"``: DMSO percentiles mapped to 0 and 255.
     illumination : ndarray (3, M, N), optional
@@ -91,37 +92,27 @@ def preprocess_plate(
     if dmso.empty:
         raise MetadataError(f"plate {plate}: no DMSO fields, which normalise its images")
     annotated = dmso if controls else fields[~fields["is_dmso"]]
-    what = "DMSO fields" if controls else "fields"
-    started = time.monotonic()
+    if normalisation not in intensity.NORMALISATIONS:
+        raise ValueError(f"normalisation={normalisation!r}: expected one of {sorted(intensity.NORMALISATIONS)}")
+    method = intensity.NORMALISATIONS[normalisation]
     dmso_fields = [read_field(r, shape) for _, r in dmso.iterrows()]
-    if normalisation == "study":
-        stats = intensity.dmso_statistics(dmso_fields, illumination)
-        normaliser = intensity.study_normalise
-    elif normalisation == "percentile":
-        stats = intensity.percentile_statistics(dmso_fields, percentiles, illumination)
-        normaliser = intensity.percentile_normalise
-    else:
-        raise ValueError(f"normalisation={normalisation!r}: expected 'study' or 'percentile'")
+    options = {"percentiles": percentiles}
+    stats = method.statistics(dmso_fields, illumination, **{k: options[k] for k in method.options})
     log(f"{plate}: DMSO statistics from {len(dmso)} fields")
     # The DMSO fields are in memory already: cropping them (controls) reads no TIFF twice.
     fields_read = iter(dmso_fields) if controls else (read_field(r, shape) for _, r in annotated.iterrows())
     del dmso_fields
-    kept = {size: [] for size in sizes}
-    records = []
-    dropped = 0
-    step = max(1, len(annotated) // 10)
-    for n, ((_, row), field) in enumerate(zip(annotated.iterrows(), fields_read), 1):
-        image, above = normaliser(field, *stats, illumination, threshold=empty_threshold)
+    progress = _Progress(plate, "DMSO fields" if controls else "fields", len(annotated), log)
+    kept, records, dropped = {size: [] for size in sizes}, [], 0
+    for (_, row), field in zip(annotated.iterrows(), fields_read):
+        image, above = method.normalise(field, *stats, illumination, threshold=empty_threshold)
         positions, resized = crops.field_crops(image, above, grid, sizes, empty_fraction)
         dropped += grid[0] * grid[1] - len(positions)
         for size in sizes:
             kept[size].append(resized[size])
         records.extend({**{c: row[c] for c in INDEX_COLUMNS}, "crop": k, "source": row["path_dapi"]}
                        for k in positions)
-        if n % step == 0 or n == len(annotated):
-            elapsed = time.monotonic() - started
-            log(f"{plate}: {n}/{len(annotated)} {what}, {len(records)} crops kept, "
-                f"ETA {elapsed / n * (len(annotated) - n):.0f} s")
+        progress.step(len(records))
     if dropped:
         log(f"{plate}: {dropped} nearly empty crop(s) dropped (at most {empty_fraction:g} of values above "
             f"{empty_threshold:.4g}, the study's rule)")
@@ -130,17 +121,60 @@ def preprocess_plate(
     return arrays, pd.DataFrame.from_records(records, columns=INDEX_COLUMNS + ["crop", "source"])
 
 
+class _Progress:
+    """A plate's progress line about every tenth of its fields: done, crops kept, ETA."""
+
+    def __init__(self, plate: str, what: str, total: int, log):
+        self.plate, self.what, self.total, self.log = plate, what, total, log
+        self.done, self.every, self.started = 0, max(1, total // 10), time.monotonic()
+
+    def step(self, crops_kept: int) -> None:
+        self.done += 1
+        if self.done % self.every == 0 or self.done == self.total:
+            eta = (time.monotonic() - self.started) / self.done * (self.total - self.done)
+            self.log(f"{self.plate}: {self.done}/{self.total} {self.what}, {crops_kept} crops kept, ETA {eta:.0f} s")
+
+
 def preprocess_plate_files(table: str | os.PathLike, plate: str, output_prefix: str | os.PathLike, *,
-                           illumination_dir: str | os.PathLike | None = None, log=stderr, **settings) -> None:
-    """`preprocess_plate` from the image table file to ``<prefix>.<size>.npy`` and ``<prefix>.index.parquet``."""
+                           sizes: list[int], grid: tuple[int, int], normalisation: str,
+                           percentiles: tuple[float, float], empty_threshold: float, empty_fraction: float,
+                           illumination: list[str] | None = None, controls: bool = False, log=stderr) -> None:
+    """Normalise, crop and resize one BBBC021 plate (`preprocess_plate`) into ``<prefix>.<size>.npy`` and
+    ``<prefix>.index.parquet``.
+
+    Parameters
+    ----------
+    table : path
+        The BBBC021 field table.
+    plate : str
+        The plate.
+    output_prefix : path
+        Where its arrays and index go.
+    sizes : list of int
+        Square input sizes (``preprocess.bbbc021.input_sizes``).
+    grid : tuple of int
+        Crops per field, rows x columns (``crop_grid``).
+    normalisation : str
+        The image normalisation (`moaflow.preprocess.intensity.NORMALISATIONS`).
+    percentiles : tuple of float
+        The DMSO percentiles mapped to 0 and 255 (``percentile`` normalisation).
+    empty_threshold, empty_fraction : float
+        A crop is dropped when at most ``empty_fraction`` of its values exceed ``empty_threshold``.
+    illumination : list of path, optional
+        The plate's illumination functions (``.npy``, one per channel in `moaflow.study.BBBC021_CHANNELS`
+        order) to divide the fields by; empty or None: no correction.
+    controls : bool
+        Crop the plate's DMSO fields instead of its treatments.
+    """
     frame = pd.read_parquet(table)
     fields = frame[frame["plate"] == plate]
     if fields.empty:
         raise MetadataError(f"{table}: no fields for plate {plate!r}")
-    functions = None
-    if illumination_dir:
-        functions = np.stack([np.load(Path(illumination_dir) / f"{plate}_{c}.npy") for c in BBBC021_CHANNELS])
-    arrays, index = preprocess_plate(fields, illumination=functions, log=log, **settings)
+    functions = np.stack([np.load(path) for path in illumination]) if illumination else None
+    arrays, index = preprocess_plate(fields, sizes=sizes, grid=tuple(grid), normalisation=normalisation,
+                                     percentiles=tuple(percentiles), empty_threshold=empty_threshold,
+                                     empty_fraction=empty_fraction, illumination=functions, controls=controls,
+                                     log=log)
     for size, array in arrays.items():
         write_array(array, f"{output_prefix}.{size}.npy")
     write_table(index, f"{output_prefix}.index.parquet")
@@ -150,8 +184,8 @@ def preprocess_bbbc014(
     wells: pd.DataFrame,
     *,
     sizes: list[int],
-    grid: tuple[int, int] = (4, 4),
-    minmax: str = "crop",
+    grid: tuple[int, int],
+    minmax: str,
     log: Callable[[str], None] | None = None,
 ) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
     """BBBC014 as the original code: RGB (zeros, DAPI, FITC), area-resized to a square, grid crops,
@@ -201,9 +235,24 @@ def preprocess_bbbc014(
     return arrays, pd.DataFrame.from_records(records)
 
 
-def preprocess_bbbc014_files(table: str | os.PathLike, output_dir: str | os.PathLike, log=stderr, **settings) -> None:
-    """`preprocess_bbbc014` from the well table to ``<output_dir>/<size>.npy`` and ``index.parquet``."""
-    arrays, index = preprocess_bbbc014(pd.read_parquet(table), log=log, **settings)
+def preprocess_bbbc014_files(table: str | os.PathLike, output_dir: str | os.PathLike, *, sizes: list[int],
+                              grid: tuple[int, int], minmax: str, log=stderr) -> None:
+    """BBBC014's labelled wells as crops (`preprocess_bbbc014`): ``<output_dir>/<size>.npy`` and ``index.parquet``.
+
+    Parameters
+    ----------
+    table : path
+        The BBBC014 well table.
+    output_dir : path
+        The crop store's folder.
+    sizes : list of int
+        Square input sizes.
+    grid : tuple of int
+        Crops per well, rows x columns.
+    minmax : {"crop", "well"}
+        Min-max scale each crop (the original) or the whole well.
+    """
+    arrays, index = preprocess_bbbc014(pd.read_parquet(table), sizes=sizes, grid=tuple(grid), minmax=minmax, log=log)
     out = Path(output_dir)
     for size, array in arrays.items():
         write_array(array, out / f"{size}.npy")
@@ -264,7 +313,18 @@ def preprocess_crops(table: pd.DataFrame, *, sizes: list[int], log: Callable[[st
 
 def preprocess_crops_files(table: str | os.PathLike, output_dir: str | os.PathLike, *, sizes: list[int],
                            log=stderr) -> None:
-    """`preprocess_crops` from the crops table to ``<output_dir>/<size>.npy`` and ``index.parquet``."""
+    """A pre-cropped set resized into the crop store (`preprocess_crops`): ``<output_dir>/<size>.npy`` and
+    ``index.parquet``.
+
+    Parameters
+    ----------
+    table : path
+        The crops table (`moaflow.datasets.tables.write_crops_table`).
+    output_dir : path
+        The crop store's folder.
+    sizes : list of int
+        Square input sizes.
+    """
     arrays, index = preprocess_crops(pd.read_parquet(table), sizes=sizes, log=log)
     out = Path(output_dir)
     for size, array in arrays.items():

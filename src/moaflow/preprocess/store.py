@@ -53,8 +53,17 @@ def gather(parts: list[tuple[str | os.PathLike, str | os.PathLike]], array_path:
 
 
 def gather_plates(prefixes: list[str], sizes: list[int], output_dir: str | os.PathLike, log=stderr) -> pd.DataFrame:
-    """Gather ``<prefix>.<size>.npy`` / ``<prefix>.index.parquet`` parts into ``<output_dir>/<size>.npy``
-    and ``index.parquet``."""
+    """Gather per-plate crops into one store per size: ``<output_dir>/<size>.npy`` and ``index.parquet``.
+
+    Parameters
+    ----------
+    prefixes : list of str
+        The plates' parts, in order (``<prefix>.<size>.npy`` and ``<prefix>.index.parquet``).
+    sizes : list of int
+        The input sizes.
+    output_dir : path
+        The store's folder.
+    """
     out = Path(output_dir)
     index = None
     for size in sizes:

@@ -1,0 +1,176 @@
+"""The architecture registry: every network moaflow trains, by name. Add an architecture here.
+
+An entry says how to build the network's body (inputs to the pooled features
+the classifier head reads), its default input side and the smallest it
+accepts, whether it is one of the paper's networks, and its ImageNet weights:
+the published file (fetched once by the ``fetch_weights`` rule and checked
+against the published MD5) and the input those weights were trained on. The
+config schema's architecture names, the default input sizes, the weights
+rules and the deviations table all read this registry, so adding a network is
+one `Architecture` entry here plus a test that trains a stand-in fold with it
+(and, if its input size is new, that size in ``preprocess.<dataset>.input_sizes``).
+
+Worked example, a fourth keras.applications network::
+
+    Architecture("efficientnet_b0", keras_application("EfficientNetB0"), input_size=224, min_input_size=32,
+                 weights=ImagenetWeights("efficientnetb0_notop.h5", md5="...", input_scaling="raw"))
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Where keras.applications publishes its ImageNet weights (the default of ``weights.base_urls``).
+KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+
+@dataclass(frozen=True)
+class ImagenetWeights:
+    """Published ImageNet weights of an architecture's body (no classifier).
+
+    Attributes
+    ----------
+    file : str
+        The file's path under ``weights.base_urls``.
+    md5 : str
+        The published MD5 (keras.applications' own check); a download that differs is refused.
+    input_scaling : str
+        The scaling of RGB 0..255 inputs the weights were trained on (a `moaflow.learn.models.INPUT_SCALINGS`
+        name): ``hyperparameters.input_scaling: pretrained`` feeds exactly that.
+    """
+
+    file: str
+    md5: str
+    input_scaling: str
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One trainable network.
+
+    Attributes
+    ----------
+    name : str
+        The config's name for it (``training.architectures``).
+    build : callable
+        ``build(input_size, weights_path_or_None) -> keras.Model``: float32 images ``(S, S, 3)`` to the
+        pooled features the head reads.
+    input_size : int
+        Default side of its square input (``training.<dataset>.input_sizes`` overrides).
+    min_input_size : int
+        The smallest side it accepts.
+    weights : ImagenetWeights, optional
+        Its published ImageNet weights; None when there are none (always trained from random weights).
+    paper : bool
+        One of Kensert et al.'s networks (the deviations table and the authors' predictions).
+    """
+
+    name: str
+    build: Callable
+    input_size: int
+    min_input_size: int
+    weights: ImagenetWeights | None = None
+    paper: bool = False
+
+
+def keras_application(constructor: str) -> Callable:
+    """A ``build`` for a ``keras.applications`` network: notop, global average pooling."""
+
+    def build(input_size: int, weights: str | None):
+        import keras
+
+        return getattr(keras.applications, constructor)(include_top=False, weights=weights,
+                                                        input_shape=(input_size, input_size, 3), pooling="avg")
+
+    return build
+
+
+def lab_cnn_body(input_size: int, weights: str | None):
+    """The course lab's CNN up to its 1,024-unit layer (the head adds the class layer)."""
+    import keras
+
+    from moaflow.learn.models import lab_cnn
+
+    if weights is not None:
+        raise ValueError("lab_cnn has no pretrained weights: train it from random weights (weights: none)")
+    core = lab_cnn((input_size, input_size, 3))
+    return keras.Model(core.inputs, core.layers[-2].output, name="lab_cnn_body")
+
+
+REGISTRY: dict[str, Architecture] = {a.name: a for a in [
+    Architecture("resnet50", keras_application("ResNet50"), input_size=224, min_input_size=32, paper=True,
+                 weights=ImagenetWeights("resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                                         md5="4d473c1dd8becc155b73f8504c6f6626", input_scaling="caffe")),
+    Architecture("inception_v3", keras_application("InceptionV3"), input_size=299, min_input_size=75, paper=True,
+                 weights=ImagenetWeights("inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                                         md5="bcbd6486424b2319ff4ef7d526e38f63", input_scaling="symmetric")),
+    Architecture("inception_resnet_v2", keras_application("InceptionResNetV2"), input_size=299, min_input_size=75,
+                 paper=True,
+                 weights=ImagenetWeights("inception_resnet_v2/inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_"
+                                         "notop.h5", md5="d19885ff4a710c122648d3b5c3b684e4",
+                                         input_scaling="symmetric")),
+    # The course lab's LeNet-style baseline (StatPred 2019): no pretrained weights.
+    Architecture("lab_cnn", lab_cnn_body, input_size=256, min_input_size=64),
+]}
+
+
+def get(name: str) -> Architecture:
+    """The registered architecture ``name``.
+
+    Raises
+    ------
+    ValueError
+        Naming the registered architectures.
+    """
+    if name not in REGISTRY:
+        raise ValueError(f"architecture={name!r}: expected one of {sorted(REGISTRY)} (moaflow.learn.architectures)")
+    return REGISTRY[name]
+
+
+def paper_architectures() -> list[str]:
+    """The paper's networks, in registry order."""
+    return [name for name, a in REGISTRY.items() if a.paper]
+
+
+def pretrained() -> list[str]:
+    """Architectures with published ImageNet weights."""
+    return [name for name, a in REGISTRY.items() if a.weights is not None]
+
+
+def resolve_weights(weights: str | None, architecture: str) -> str | None:
+    """Turn a weights setting into a file for `body`.
+
+    ``None``/``"none"``/``"random"`` is random initialisation; anything else is
+    a path, in which ``{architecture}`` is replaced, and which must exist.
+    Training jobs never fetch weights: ``imagenet`` is fetched once, by the
+    ``fetch_weights`` rule, into ``results/weights/``.
+    """
+    if weights is None or str(weights).lower() in ("none", "random", "null"):
+        return None
+    if weights == "imagenet":
+        raise ValueError(f"weights 'imagenet' for {architecture}: training reads a weights file; the workflow "
+                         "passes results/weights/<architecture>_notop.h5 (rule fetch_weights)")
+    path = Path(str(weights).format(architecture=architecture))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights file {path} (training.initialisations, architecture {architecture}) does not exist; "
+            "expected a Keras notop weights file such as resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
+    return os.fspath(path)
+
+
+def body(name: str, input_size: int, weights: str | None = None):
+    """The network ``name`` from float32 ``(input_size, input_size, 3)`` images to its pooled features.
+
+    Raises
+    ------
+    ValueError
+        An unknown name, or an input smaller than the architecture accepts.
+    """
+    architecture = get(name)
+    if input_size < architecture.min_input_size:
+        raise ValueError(f"{name} needs inputs of at least {architecture.min_input_size}x"
+                         f"{architecture.min_input_size}, got {input_size}")
+    return architecture.build(input_size, resolve_weights(weights, name))

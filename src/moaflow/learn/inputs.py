@@ -1,0 +1,66 @@
+"""What a network sees of a stored uint8 crop: the channel-order and input-scaling registries.
+
+The crop store keeps channels as the study stored them (BBBC021: Actin, Tubulin,
+DAPI) on 0..255. A fixed 1x1 convolution at the front of every model
+(`input_transform`) reorders and scales them on the device, so the CPU feeds
+uint8 rows as stored. ``channel_order`` and ``input_scaling`` (hyper-parameters)
+name entries of `CHANNEL_ORDERS` and `INPUT_SCALINGS`; ``input_scaling:
+pretrained`` is the scaling the architecture's ImageNet weights were trained on
+(its registry entry). Add an order or a scaling here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: name -> which stored channel each input channel takes.
+CHANNEL_ORDERS = {
+    "stored": (0, 1, 2),     # (Actin, Tubulin, DAPI) for BBBC021; (zeros, DAPI, FITC) for BBBC014
+    "reversed": (2, 1, 0),   # what the original network saw after OpenCV's BGR read: (DAPI, Tubulin, Actin)
+}
+#: name -> (scale, per-channel offset, reverse the channels): ``out = x * scale + offset``, x on 0..255.
+INPUT_SCALINGS = {
+    "raw": (1.0, (0.0, 0.0, 0.0), False),                         # 0..255, the study
+    "unit": (1 / 255, (0.0, 0.0, 0.0), False),                    # 0..1, the course lab
+    "symmetric": (1 / 127.5, (-1.0, -1.0, -1.0), False),          # -1..1, Inception's ImageNet convention
+    "caffe": (1.0, (-103.939, -116.779, -123.68), True),          # ResNet50's: BGR, ImageNet mean subtracted
+}
+#: The input_scaling that stands for "what this architecture's ImageNet weights were trained on".
+PRETRAINED = "pretrained"
+
+
+def resolve_scaling(input_scaling: str, architecture: str) -> str:
+    """``pretrained`` -> the scaling of the architecture's ImageNet weights; any other name as it is."""
+    if input_scaling != PRETRAINED:
+        return input_scaling
+    from moaflow.learn.architectures import get
+
+    weights = get(architecture).weights
+    if weights is None:
+        raise ValueError(f"input_scaling: pretrained, but {architecture} has no ImageNet weights to match "
+                         f"(moaflow.learn.architectures); name a scaling of {sorted(INPUT_SCALINGS)}")
+    return weights.input_scaling
+
+
+def input_transform(channel_order: str, input_scaling: str) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel (1, 1, 3, 3) and bias (3,) of the fixed 1x1 convolution that maps stored 0..255 channels
+    to what the network sees: ``out[c] = x[order[c]] * scale + offset[c]``.
+
+    Raises
+    ------
+    ValueError
+        An unknown order or scaling, naming the registered ones.
+    """
+    if channel_order not in CHANNEL_ORDERS:
+        raise ValueError(f"channel_order={channel_order!r}: expected one of {sorted(CHANNEL_ORDERS)}")
+    if input_scaling not in INPUT_SCALINGS:
+        raise ValueError(f"input_scaling={input_scaling!r}: expected one of {sorted(INPUT_SCALINGS)} "
+                         f"(or {PRETRAINED})")
+    scale, offset, reverse = INPUT_SCALINGS[input_scaling]
+    order = list(CHANNEL_ORDERS[channel_order])
+    if reverse:
+        order = order[::-1]
+    kernel = np.zeros((1, 1, 3, 3), np.float32)
+    for out, source in enumerate(order):
+        kernel[0, 0, source, out] = scale
+    return kernel, np.asarray(offset, np.float32)
