@@ -173,7 +173,8 @@ def build_crop_store(out: Path, sizes: list[int], controls: bool = False, **stan
     for plate in manifest["plates"]:
         download.extract_archive(www / f"BBBC021_v1_images_{plate}.zip", out / "images" / plate,
                                  member_root=plate, log=lambda _: None)
-    table = tables.bbbc021_image_table(www / "BBBC021_v1_image.csv", www / "BBBC021_v1_moa.csv", out / "images")
+    table = tables.bbbc021_image_table(www / "BBBC021_v1_image.csv", www / "BBBC021_v1_moa.csv", out / "images",
+                                       taxol_rule=True)
     for kind in ("crops", "dmso") if controls else ("crops",):
         parts = []
         for plate in manifest["plates"]:
@@ -219,7 +220,7 @@ def small_plate(tmp_path_factory):
     download.extract_archive(www / f"BBBC021_v1_images_{plate}.zip", out / "images" / plate,
                              member_root=plate, log=lambda _: None)
     table = bbbc021_image_table(www / "BBBC021_v1_image.csv", www / "BBBC021_v1_moa.csv", out / "images",
-                                log=lambda _: None)
+                                log=lambda _: None, taxol_rule=True)
     return out, table
 
 

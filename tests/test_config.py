@@ -113,3 +113,14 @@ def test_snakemake_refuses_a_bad_config(tmp_path):
     result = run_snakemake(tmp_path, config, "-n", check=False)
     assert result.returncode != 0
     assert "timeout_secs" in result.stdout + result.stderr
+
+
+def test_show_config_prints_the_resolved_configuration(capsys):
+    from moaflow.cli import main as moaflow
+
+    assert moaflow(["show-config", "--configfile", str(REPO / "config" / "config.yaml"),
+                    str(REPO / "config" / "demo.yaml")]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["profiling"]["feature_normalisation"] == "dmso_sphere"           # from config.yaml
+    assert shown["bbbc021"]["base_urls"] == ["http://127.0.0.1:8021/BBBC021/"]     # demo.yaml over it
+    assert shown["preprocess"]["bbbc021"]["empty_fraction"] == 0.002              # a default

@@ -10,7 +10,7 @@ _ = (models.StudyAugmentation.call, models.StudyAugmentation.compute_output_shap
      serve._Handler.send_head, serve.StandinServer.daemon_threads, serve.StandinServer.allow_reuse_address)
 _ = (study.resolve_plates, tracking.start_parent, config.crops_datasets, config.moa_datasets,
      config.normalises_to_controls, architectures.paper_architectures, architectures.pretrained,
-     architectures.KERAS_WEIGHTS_URL, layout.generated_folds, layout.job_summary, layout.control_statistics,
+     layout.generated_folds, layout.job_summary, layout.control_statistics,
      layout.interpretation, layout.mlflow, layout.log, layout.report, layout.illumination_figure, layout.raw,
      layout.plate_images, layout.images_dir, layout.image_table, layout.weights, layout.checkpoints,
      layout.evaluation, layout.profiling, layout.plate_part, layout.store_index, layout.folds)

@@ -196,3 +196,22 @@ def check(config: dict) -> None:
                 raise ValueError(f"training.{name}: {architecture} trains at {size} px (training.{name}.input_sizes, "
                                  f"input_size, else the architecture registry's), which is not among "
                                  f"preprocess.{name}.input_sizes {available}")
+
+
+def show(configfile: list[str]) -> dict:
+    """Print the whole resolved configuration: the config files merged in order (as Snakemake layers
+    ``--configfile`` files), every default filled in, checked.
+
+    Parameters
+    ----------
+    configfile : list of path
+        Config files, later ones merged over earlier ones (e.g. config/config.yaml config/demo.yaml).
+    """
+    from snakemake.utils import update_config
+
+    config: dict = {}
+    for path in configfile:
+        update_config(config, yaml.safe_load(Path(path).read_text()) or {})
+    validate(config)
+    print(yaml.safe_dump(config, sort_keys=False), end="")
+    return config

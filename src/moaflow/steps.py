@@ -50,6 +50,7 @@ STEPS = {
     "profile": "moaflow.analysis.profiling:profile_dataset",
     "interpret": "moaflow.analysis.interpretation:interpret_run",
     "track": "moaflow.tracking:track",
+    "show-config": "moaflow.config:show",
     "standin-bbbc021": "moaflow.devtools.standin:write_bbbc021",
     "standin-bbbc014": "moaflow.devtools.standin:write_bbbc014",
     "serve": "moaflow.devtools.serve:serve",

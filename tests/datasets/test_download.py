@@ -21,6 +21,12 @@ from moaflow.devtools.serve import StandinServer
 from tests.conftest import DEFAULTS, REFERENCE, flags
 
 
+def fetch(urls, destination, **options):
+    """`moaflow.datasets.download.fetch` with the config's default download settings, unless given."""
+    settings = {k: DEFAULTS["download"][k] for k in ("retries", "backoff_seconds", "timeout_seconds")}
+    return download.fetch(urls, destination, **{**settings, **options})
+
+
 def _fetch_flags(base_url: str, filename: str, destination) -> list[str]:
     """`moaflow fetch` of one file from one mirror, with the default download settings."""
     return flags(filename=filename, destination=destination, base_urls=[base_url], settings=DEFAULTS["download"],
@@ -48,7 +54,7 @@ def www(tmp_path):
 
 def test_fetch_downloads_identical_bytes(www, tmp_path):
     with StandinServer(www) as server:
-        receipt = download.fetch([server.url + "big.zip"], tmp_path / "got.zip", verify=download.verify_zip,
+        receipt = fetch([server.url + "big.zip"], tmp_path / "got.zip", verify=download.verify_zip,
                                  log=lambda _: None)
     out = tmp_path / "got.zip"
     assert out.read_bytes() == (www / "big.zip").read_bytes()
@@ -59,10 +65,10 @@ def test_fetch_downloads_identical_bytes(www, tmp_path):
 
 def test_a_verified_file_is_reused_without_a_transfer(www, tmp_path):
     with StandinServer(www) as server:
-        download.fetch([server.url + "big.zip"], tmp_path / "got.zip", verify=download.verify_zip, log=lambda _: None)
+        fetch([server.url + "big.zip"], tmp_path / "got.zip", verify=download.verify_zip, log=lambda _: None)
         inode = (tmp_path / "got.zip").stat().st_ino
         n_requests = len(server.requests)
-        receipt = download.fetch([server.url + "big.zip"], tmp_path / "got.zip", verify=download.verify_zip,
+        receipt = fetch([server.url + "big.zip"], tmp_path / "got.zip", verify=download.verify_zip,
                                  log=lambda _: None)
         assert len(server.requests) == n_requests          # not even a HEAD
     assert receipt["source"] == "local copy" and receipt["transferred_bytes"] == 0
@@ -74,10 +80,10 @@ def test_a_bad_local_file_is_kept_until_a_verified_one_replaces_it(www, tmp_path
     destination.write_bytes(b"not a zip")
     with StandinServer(www) as server:
         with pytest.raises(download.DownloadError):
-            download.fetch([server.url + "missing.zip"], destination, verify=download.verify_zip, retries=0,
+            fetch([server.url + "missing.zip"], destination, verify=download.verify_zip, retries=0,
                            log=lambda _: None)
         assert destination.read_bytes() == b"not a zip"   # nothing verified arrived: nothing replaced
-        download.fetch([server.url + "big.zip"], destination, verify=download.verify_zip, log=lambda _: None)
+        fetch([server.url + "big.zip"], destination, verify=download.verify_zip, log=lambda _: None)
     assert destination.read_bytes() == (www / "big.zip").read_bytes()
 
 
@@ -112,7 +118,7 @@ def test_server_ignoring_range_still_gives_the_right_file(www, tmp_path):
     # with the whole file, which must replace the part rather than append to it.
     (tmp_path / "got.zip.part").write_bytes(b"x" * 1000)
     with StandinServer(www, ignore_range=True) as server:
-        download.fetch([server.url + "big.zip"], destination, verify=download.verify_zip, log=lambda _: None)
+        fetch([server.url + "big.zip"], destination, verify=download.verify_zip, log=lambda _: None)
         assert any(r for _, _, r in server.requests), "the client did ask for a range"
     assert destination.read_bytes() == (www / "big.zip").read_bytes()
 
@@ -123,7 +129,7 @@ def test_mirrors_are_tried_in_order(www, tmp_path):
         dead = closed_port.url
         closed_port.server_close()
         urls = [dead + "big.zip", server.url + "missing/big.zip", server.url + "big.zip"]
-        download.fetch(urls, tmp_path / "got.zip", retries=1, backoff_seconds=0.01, log=lambda _: None)
+        fetch(urls, tmp_path / "got.zip", retries=1, backoff_seconds=0.01, log=lambda _: None)
         assert [p for _, p, _ in server.requests] == ["/missing/big.zip", "/big.zip"]  # 404 is not retried
     assert (tmp_path / "got.zip").read_bytes() == (www / "big.zip").read_bytes()
 
@@ -131,7 +137,7 @@ def test_mirrors_are_tried_in_order(www, tmp_path):
 def test_all_mirrors_failing_names_the_file_and_each_mirror(www, tmp_path):
     with StandinServer(www) as server:
         with pytest.raises(download.DownloadError) as info:
-            download.fetch([server.url + "a/none.zip", server.url + "b/none.zip"], tmp_path / "none.zip",
+            fetch([server.url + "a/none.zip", server.url + "b/none.zip"], tmp_path / "none.zip",
                            retries=0, log=lambda _: None)
     assert "none.zip" in str(info.value) and "/a/none.zip" in str(info.value) and "/b/none.zip" in str(info.value)
     assert not (tmp_path / "none.zip").exists()

@@ -22,7 +22,7 @@ REAL_COUNTS = {
 
 @pytest.fixture(scope="module")
 def real_table():
-    return bbbc021_image_table(IMAGE_CSV, MOA_CSV, "results/bbbc021/images")
+    return bbbc021_image_table(IMAGE_CSV, MOA_CSV, "results/bbbc021/images", taxol_rule=True)
 
 
 def test_real_metadata_gives_the_studys_selection(real_table):
@@ -62,17 +62,17 @@ def test_columns_and_paths(real_table):
 
 
 def test_plate_subset_and_unknown_plate(tmp_path):
-    table = bbbc021_image_table(IMAGE_CSV, MOA_CSV, "x", plates=["Week1_22123"])
+    table = bbbc021_image_table(IMAGE_CSV, MOA_CSV, "x", plates=["Week1_22123"], taxol_rule=True)
     assert set(table["plate"]) == {"Week1_22123"}
     with pytest.raises(MetadataError, match="Week99_1"):
-        bbbc021_image_table(IMAGE_CSV, MOA_CSV, "x", plates=["Week99_1"])
+        bbbc021_image_table(IMAGE_CSV, MOA_CSV, "x", plates=["Week99_1"], taxol_rule=True)
 
 
 def test_missing_column_is_named(tmp_path):
     broken = tmp_path / "image.csv"
     pd.read_csv(IMAGE_CSV, nrows=5).drop(columns=["Replicate"]).to_csv(broken, index=False)
     with pytest.raises(MetadataError, match=r"image.csv.*Replicate"):
-        bbbc021_image_table(broken, MOA_CSV, "x")
+        bbbc021_image_table(broken, MOA_CSV, "x", taxol_rule=True)
 
 
 def test_bbbc014_table(tmp_path):
@@ -105,7 +105,7 @@ def test_duplicate_fields_are_refused(tmp_path):
     frame = pd.read_csv(IMAGE_CSV, nrows=20)
     pd.concat([frame, frame.iloc[[3]]]).to_csv(tmp_path / "image.csv", index=False)
     with pytest.raises(MetadataError, match=r"image.csv: 2 rows share their .*plate, well and site"):
-        bbbc021_image_table(tmp_path / "image.csv", MOA_CSV, "x")
+        bbbc021_image_table(tmp_path / "image.csv", MOA_CSV, "x", taxol_rule=True)
 
 
 def test_duplicate_moa_keys_are_named(tmp_path):
@@ -113,20 +113,20 @@ def test_duplicate_moa_keys_are_named(tmp_path):
     moa = pd.read_csv(MOA_CSV)
     pd.concat([moa, moa.iloc[[0]].assign(moa="Kinase inhibitors")]).to_csv(tmp_path / "moa.csv", index=False)
     with pytest.raises(MetadataError, match=r"moa.csv: 2 rows share their compound/_conc.*PP-2"):
-        bbbc021_image_table(IMAGE_CSV, tmp_path / "moa.csv", "x")
+        bbbc021_image_table(IMAGE_CSV, tmp_path / "moa.csv", "x", taxol_rule=True)
 
 
 def test_empty_csv_is_named(tmp_path):
     """Before: "No columns to parse" with no file named."""
     (tmp_path / "image.csv").write_text("")
     with pytest.raises(MetadataError, match=r"image.csv: empty file"):
-        bbbc021_image_table(tmp_path / "image.csv", MOA_CSV, "x")
+        bbbc021_image_table(tmp_path / "image.csv", MOA_CSV, "x", taxol_rule=True)
 
 
 def test_unannotated_and_taxol_fields_are_counted_in_the_log():
     """The study drops fields without an MoA, and most taxol fields: said with a count, not in silence."""
     lines = []
-    bbbc021_image_table(IMAGE_CSV, MOA_CSV, "x", log=lines.append)
+    bbbc021_image_table(IMAGE_CSV, MOA_CSV, "x", log=lines.append, taxol_rule=True)
     unannotated = next(line for line in lines if "without an MoA" in line)
     assert "fields of" in unannotated and "not used" in unannotated
     images = pd.read_csv(IMAGE_CSV)

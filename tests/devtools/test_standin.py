@@ -87,7 +87,7 @@ def test_morphology_depends_on_moa():
 
 def test_table_of_standin_matches_its_layout(standin_dir):
     www = standin_dir / "www" / "BBBC021"
-    table = bbbc021_image_table(www / "BBBC021_v1_image.csv", www / "BBBC021_v1_moa.csv", "images")
+    table = bbbc021_image_table(www / "BBBC021_v1_image.csv", www / "BBBC021_v1_moa.csv", "images", taxol_rule=True)
     n_treatments = len(standin.select_treatments(TINY_BBBC021["moas"], 2, 1))
     assert (~table["is_dmso"]).sum() == n_treatments * TINY_BBBC021["n_plates"] * TINY_BBBC021["sites"]
     assert set(table.loc[~table["is_dmso"], "moa"]) == set(TINY_BBBC021["moas"])

@@ -11,7 +11,7 @@ from tests.conftest import REFERENCE, REPO, lab_table, needs_real_cells
 @pytest.fixture(scope="module")
 def real_index():
     table = bbbc021_image_table(REFERENCE / "bbbc021" / "BBBC021_v1_image.csv",
-                                REFERENCE / "bbbc021" / "BBBC021_v1_moa.csv", "x")
+                                REFERENCE / "bbbc021" / "BBBC021_v1_moa.csv", "x", taxol_rule=True)
     return table[~table["is_dmso"]].reset_index(drop=True)
 
 

@@ -140,24 +140,29 @@ def test_presets_and_overrides():
 
 
 def test_the_registry_weights_are_keras_published_files():
-    """The registry's ImageNet files and MD5s are Keras' own (keras.applications' sources), under the default
+    """Every keras.applications entry's ImageNet file and hash are Keras' own (its sources), under the default
     base URL of the config."""
     import inspect
 
-    import keras.src.applications.inception_resnet_v2 as irv2
-    import keras.src.applications.inception_v3 as iv3
-    import keras.src.applications.resnet as resnet
+    import keras
 
     from moaflow.config import defaults
 
     base = defaults()["weights"]["base_urls"][0]
-    assert base == architectures.KERAS_WEIGHTS_URL
-    assert resnet.BASE_WEIGHTS_PATH == base + "resnet/"
-    assert iv3.WEIGHTS_PATH_NO_TOP == base + architectures.get("inception_v3").weights.file
-    for architecture, module in (("resnet50", resnet), ("inception_v3", iv3), ("inception_resnet_v2", irv2)):
-        weights = architectures.get(architecture).weights
+    checked = []
+    for name, architecture in architectures.REGISTRY.items():
+        constructor = architecture.build.__closure__[0].cell_contents if architecture.build.__closure__ else None
+        if not isinstance(constructor, str):
+            continue   # not a keras.applications network
+        module = inspect.getmodule(getattr(keras.applications, constructor))
+        url = base + architecture.weights.file
+        published_urls = [v for v in vars(module).values() if isinstance(v, str) and v.startswith("https://")]
+        assert any(url.startswith(u) for u in published_urls), (name, url, published_urls)
+        stem = url.rsplit("/", 1)[1].split("_weights")[0].split("_notop")[0]
         source = inspect.getsource(module)
-        assert weights.file.rsplit("/", 1)[1].split("_weights")[0] in source and weights.md5 in source, architecture
+        assert stem in source and next(iter(architecture.weights.published.values())) in source, name
+        checked.append(name)
+    assert {"resnet50", "inception_v3", "inception_resnet_v2", "efficientnet_b0"} <= set(checked)
 
 
 def test_warmup_cosine_schedule_rises_then_decays():

@@ -33,7 +33,7 @@ def test_corrected_dmso_mean_is_flat(plate, channel):
     estimated function must follow the true field (Pearson r >= 0.9)."""
     out, name, csv = plate
     average = illumination.mean_image(out / "images" / n for n in csv[f"Image_FileName_{channel}"])
-    function = illumination.illumination_function(average, filter_size=12, downscale=2)
+    function = illumination.illumination_function(average, filter_size=12, downscale=2, robust_percentile=2)
     dmso = [tifffile.imread(out / "images" / n).astype(np.float64)
             for n in csv.loc[csv["Image_Metadata_Compound"] == "DMSO", f"Image_FileName_{channel}"]]
     before = illumination.coefficient_of_variation(np.mean(dmso, axis=0), block=16)
@@ -55,8 +55,8 @@ def test_function_is_rescaled_by_the_2nd_percentile():
 def test_function_keeps_the_shape_with_downscaling():
     y, x = np.mgrid[0:96, 0:120]
     average = 1000 - 0.05 * ((y - 40) ** 2 + (x - 70) ** 2)
-    full = illumination.illumination_function(average, filter_size=5)
-    quarter = illumination.illumination_function(average, filter_size=5, downscale=4)
+    full = illumination.illumination_function(average, filter_size=5, robust_percentile=2)
+    quarter = illumination.illumination_function(average, filter_size=5, downscale=4, robust_percentile=2)
     assert quarter.shape == average.shape
     assert np.abs(quarter - full).max() < 0.05 * full.max()
 
@@ -64,7 +64,7 @@ def test_function_keeps_the_shape_with_downscaling():
 @pytest.mark.parametrize("kwargs", [dict(filter_size=0), dict(filter_size=5, downscale=0)])
 def test_bad_parameters_are_named(kwargs):
     with pytest.raises(ValueError, match="filter_size|downscale"):
-        illumination.illumination_function(np.ones((8, 8)), **kwargs)
+        illumination.illumination_function(np.ones((8, 8)), robust_percentile=2, **kwargs)
 
 
 def test_truncated_tiff_is_named(tmp_path):

@@ -82,7 +82,8 @@ def bbbc021_image_table(
     moa_csv: str | os.PathLike,
     image_root: str | os.PathLike,
     plates: list[str] | None = None,
-    taxol_rule: bool = True,
+    *,
+    taxol_rule: bool,
     log: Callable[[str], None] = stderr,
 ) -> pd.DataFrame:
     """Build the BBBC021 field table used by the study.

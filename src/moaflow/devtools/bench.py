@@ -28,7 +28,11 @@ from moaflow.preprocess import illumination, plates
 from moaflow.devtools import standin
 from moaflow.study import BBBC021_CHANNELS
 
-SIZES = [224, 299, 256]
+def study_preprocessing() -> dict:
+    """The study's BBBC021 preprocessing settings: the config's defaults."""
+    from moaflow.config import defaults
+
+    return defaults()["preprocess"]["bbbc021"]
 
 
 def _bare_read(paths: list[str]) -> None:
@@ -39,11 +43,16 @@ def _bare_read(paths: list[str]) -> None:
 def _illumination_pass(fields: pd.DataFrame) -> None:
     for channel in BBBC021_CHANNELS:
         average = illumination.mean_image(fields[f"path_{channel.lower()}"])
-        illumination.illumination_function(average, filter_size=24, downscale=4)
+        settings = study_preprocessing()["illumination"]
+        illumination.illumination_function(average, settings["filter_size"], settings["downscale"],
+                                           robust_percentile=settings["robust_percentile"])
 
 
 def _preprocess_pass(fields: pd.DataFrame) -> None:
-    plates.preprocess_plate(fields, sizes=SIZES)
+    pre = study_preprocessing()
+    plates.preprocess_plate(fields, sizes=pre["input_sizes"], grid=tuple(pre["crop_grid"]),
+                            normalisation=pre["normalisation"], percentiles=tuple(pre["percentiles"]),
+                            empty_threshold=pre["empty_threshold"], empty_fraction=pre["empty_fraction"])
 
 
 def _paths(fields: pd.DataFrame) -> list[str]:
@@ -78,7 +87,7 @@ def prepare(out: Path, plates: int = 2) -> pd.DataFrame:
         standin.write_bbbc021(out, n_plates=plates, sites=4, dmso_wells=6, compounds_per_moa=2,
                               concentrations_per_compound=2, shape=(1024, 1280), seed=5)
     table = tables.bbbc021_image_table(www / "BBBC021_v1_image.csv", www / "BBBC021_v1_moa.csv",
-                                            out / "images")
+                                            out / "images", taxol_rule=True)
     for plate in table["plate"].unique():
         if not (out / "images" / plate).exists():
             download.extract_archive(www / f"BBBC021_v1_images_{plate}.zip", out / "images" / plate,
@@ -191,7 +200,7 @@ def bench_feeder(sizes=(224, 299), *, crops: int = 4788, batch_size: int = 128, 
 
 def bench_training(architectures: list[str], out: str = "results/bench/training", batch_size: int = 128,
                    precision: str = "mixed_bfloat16", epochs: int = 2, folds: int = 2,
-                   folds_per_job: int = 10) -> list[dict]:
+                   folds_per_job: int | None = None) -> list[dict]:
     """Benchmark training: the train job against a bare ``model.fit``, and the study's GPU-hours from it.
 
     Per architecture (at its registry input size): the train rule's own code (`moaflow.learn.train.train_job`:
@@ -213,8 +222,8 @@ def bench_training(architectures: list[str], out: str = "results/bench/training"
         Epochs per fold (the first pays the compilation).
     folds : int
         Folds per benchmark job.
-    folds_per_job : int
-        For the study's estimate.
+    folds_per_job : int, optional
+        For the study's estimate (default: the config's ``training.folds_per_job``).
     """
     import keras
     import numpy as np
@@ -253,7 +262,10 @@ def bench_training(architectures: list[str], out: str = "results/bench/training"
         rows.append(row)
         print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:,.2f}"), flush=True)
         keras.backend.clear_session()
-    estimate_study(rows, folds_per_job=folds_per_job)
+    from moaflow.config import defaults
+
+    estimate_study(rows, folds_per_job=folds_per_job or defaults()["training"]["folds_per_job"],
+                   epochs=hyperparameters("final", architectures[0])["epochs"])
     return rows
 
 
@@ -284,9 +296,10 @@ def bare_fit_rate(architecture: str, size: int, n_train: int, batch_size: int, p
     return n / (times[3] - times[2])
 
 
-def estimate_study(rows: list[dict], *, folds: int = 38, inits: int = 2, epochs: int = 10,
-                   folds_per_job: int | None = 10, crops: int = 4788) -> dict:
-    """GPU-hours of the BBBC021 study from `bench_training`'s measurements.
+def estimate_study(rows: list[dict], *, folds_per_job: int | None, epochs: int, folds: int = 38, inits: int = 2,
+                   crops: int = 4788) -> dict:
+    """GPU-hours of the BBBC021 study (38 folds, ImageNet and random, about 4,800 crops) from `bench_training`'s
+    measurements, at ``epochs`` per fold and ``folds_per_job``.
 
     Each job costs its fixed part once; each fold ``epochs`` epochs, whose time is scaled from the
     benchmark's training set to ``crops * (folds - 1) / folds`` training crops (held-out prediction included).

@@ -10,10 +10,8 @@ rules and the deviations table all read this registry, so adding a network is
 one `Architecture` entry here plus a test that trains a stand-in fold with it
 (and, if its input size is new, that size in ``preprocess.<dataset>.input_sizes``).
 
-Worked example, a fourth keras.applications network::
-
-    Architecture("efficientnet_b0", keras_application("EfficientNetB0"), input_size=224, min_input_size=32,
-                 weights=ImagenetWeights("efficientnetb0_notop.h5", md5="...", input_scaling="raw"))
+Worked example: ``efficientnet_b0`` below is the whole change that added a network from
+keras.applications (with its test, ``tests/learn/test_train.py`` trains a stand-in fold of every entry).
 """
 
 from __future__ import annotations
@@ -23,10 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-#: Where keras.applications publishes its ImageNet weights (the default of ``weights.base_urls``).
-KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
-
-
 @dataclass(frozen=True)
 class ImagenetWeights:
     """Published ImageNet weights of an architecture's body (no classifier).
@@ -34,16 +28,17 @@ class ImagenetWeights:
     Attributes
     ----------
     file : str
-        The file's path under ``weights.base_urls``.
-    md5 : str
-        The published MD5 (keras.applications' own check); a download that differs is refused.
+        The file's path under ``weights.base_urls`` (keras.applications' bucket by default).
+    published : dict
+        What the publisher says the file is (``md5`` or ``sha256``, keras.applications' own checks); a
+        download that differs is refused.
     input_scaling : str
         The scaling of RGB 0..255 inputs the weights were trained on (a `moaflow.learn.models.INPUT_SCALINGS`
         name): ``hyperparameters.input_scaling: pretrained`` feeds exactly that.
     """
 
     file: str
-    md5: str
+    published: dict
     input_scaling: str
 
 
@@ -102,18 +97,24 @@ def lab_cnn_body(input_size: int, weights: str | None):
 
 REGISTRY: dict[str, Architecture] = {a.name: a for a in [
     Architecture("resnet50", keras_application("ResNet50"), input_size=224, min_input_size=32, paper=True,
-                 weights=ImagenetWeights("resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                                         md5="4d473c1dd8becc155b73f8504c6f6626", input_scaling="caffe")),
+                 weights=ImagenetWeights("tensorflow/keras-applications/resnet/"
+                                         "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                                         {"md5": "4d473c1dd8becc155b73f8504c6f6626"}, input_scaling="caffe")),
     Architecture("inception_v3", keras_application("InceptionV3"), input_size=299, min_input_size=75, paper=True,
-                 weights=ImagenetWeights("inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                                         md5="bcbd6486424b2319ff4ef7d526e38f63", input_scaling="symmetric")),
+                 weights=ImagenetWeights("tensorflow/keras-applications/inception_v3/"
+                                         "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                                         {"md5": "bcbd6486424b2319ff4ef7d526e38f63"}, input_scaling="symmetric")),
     Architecture("inception_resnet_v2", keras_application("InceptionResNetV2"), input_size=299, min_input_size=75,
                  paper=True,
-                 weights=ImagenetWeights("inception_resnet_v2/inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_"
-                                         "notop.h5", md5="d19885ff4a710c122648d3b5c3b684e4",
-                                         input_scaling="symmetric")),
+                 weights=ImagenetWeights("tensorflow/keras-applications/inception_resnet_v2/"
+                                         "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                                         {"md5": "d19885ff4a710c122648d3b5c3b684e4"}, input_scaling="symmetric")),
     # The course lab's LeNet-style baseline (StatPred 2019): no pretrained weights.
     Architecture("lab_cnn", lab_cnn_body, input_size=256, min_input_size=64),
+    # EfficientNet-B0 (Tan & Le 2019): its Keras model normalises 0..255 RGB inside, so "raw" is its input.
+    Architecture("efficientnet_b0", keras_application("EfficientNetB0"), input_size=224, min_input_size=32,
+                 weights=ImagenetWeights("keras-applications/efficientnetb0_notop.h5",
+                                         {"md5": "50bc09e76180e00e4465e1a485ddc09d"}, input_scaling="raw")),
 ]}
 
 

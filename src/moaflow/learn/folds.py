@@ -245,7 +245,7 @@ def write_dataset_folds(dataset: str, output: str | os.PathLike, *, variant: str
         if image_csv:   # before anything is downloaded: the Broad's metadata is enough
             from moaflow.datasets.tables import bbbc021_image_table
 
-            frame = bbbc021_image_table(image_csv, moa_csv, "images", log=lambda _: None)
+            frame = bbbc021_image_table(image_csv, moa_csv, "images", log=lambda _: None, taxol_rule=True)
         elif index:
             frame = pd.read_parquet(index)
         else:

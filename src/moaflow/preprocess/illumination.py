@@ -59,7 +59,8 @@ def illumination_function(
     average: np.ndarray,
     filter_size: float,
     downscale: int = 1,
-    robust_percentile: float = 2.0,
+    *,
+    robust_percentile: float,
 ) -> np.ndarray:
     """Smooth illumination function from a plate's average image.
 
@@ -149,7 +150,8 @@ def plate_illumination(image_csv: str | os.PathLike, plate_images: str | os.Path
     for channel in BBBC021_CHANNELS:
         paths = [Path(plate_images) / name for name in rows[f"Image_FileName_{channel}"]]
         average = mean_image(paths, log=log, label=f"{plate} {channel}")
-        computed[channel] = illumination_function(average, filter_size, downscale, robust_percentile)
+        computed[channel] = illumination_function(average, filter_size, downscale,
+                                                  robust_percentile=robust_percentile)
     for path, function in zip(functions, computed.values()):
         write_array(function, path)
     plot_functions(computed, figure, f"Illumination functions, {plate}")
