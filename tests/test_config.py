@@ -124,3 +124,10 @@ def test_show_config_prints_the_resolved_configuration(capsys):
     assert shown["profiling"]["feature_normalisation"] == "dmso_sphere"           # from config.yaml
     assert shown["bbbc021"]["base_urls"] == ["http://127.0.0.1:8021/BBBC021/"]     # demo.yaml over it
     assert shown["preprocess"]["bbbc021"]["empty_fraction"] == 0.002              # a default
+
+
+def test_a_partial_dataset_section_keeps_the_datasets_own_defaults():
+    """demo.yaml names only BBBC014's architectures: its preset stays bbbc014 (sigmoid head), its crops 256 px."""
+    config = moaflow_config.validate(_layered("demo.yaml"))
+    assert config["training"]["bbbc014"]["preset"] == "bbbc014" and config["training"]["bbbc014"]["input_size"] == 256
+    assert config["training"]["bbbc021"]["preset"] == "final"
