@@ -42,3 +42,9 @@ def test_a_cpu_only_command_prints_no_framework_noise(tmp_path):
     assert "cuInit" not in result.stderr and "oneDNN" not in result.stderr and "absl" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[0].startswith("Keras ") and lines[-1].startswith("moaflow train: error:") and "none.parquet" in lines[-1]
+
+
+def test_a_slow_rate_is_shown_with_two_significant_digits_not_as_zero():
+    from moaflow.logs import rate
+
+    assert [rate(0.43), rate(2.0), rate(9.96), rate(12_345.6), rate(None)] == ["0.43", "2", "10", "12,346", "-"]

@@ -15,6 +15,14 @@ from moaflow.errors import MoaflowError
 USER_ERRORS = (MoaflowError, ValueError, FileNotFoundError)
 
 
+def rate(per_second: float | None) -> str:
+    """A rate as a person reads it: thousands separated, and two significant digits below 10 (a slow CPU
+    step says 0.4, not 0)."""
+    if per_second is None:
+        return "-"
+    return f"{per_second:,.0f}" if per_second >= 10 else f"{per_second:.2g}"
+
+
 def stderr(line: str) -> None:
     """Print one progress line to standard error, at once."""
     print(line, file=sys.stderr, flush=True)

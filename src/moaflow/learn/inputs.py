@@ -24,6 +24,7 @@ INPUT_SCALINGS = {
     "unit": (1 / 255, (0.0, 0.0, 0.0), False),                    # 0..1, the course lab
     "symmetric": (1 / 127.5, (-1.0, -1.0, -1.0), False),          # -1..1, Inception's ImageNet convention
     "caffe": (1.0, (-103.939, -116.779, -123.68), True),          # ResNet50's: BGR, ImageNet mean subtracted
+    "lite": (1 / 128, (-127 / 128,) * 3, False),                  # EfficientNet-Lite's: (x - 127) / 128
 }
 #: The input_scaling that stands for "what this architecture's ImageNet weights were trained on".
 PRETRAINED = "pretrained"

@@ -31,6 +31,15 @@ from moaflow.learn import architectures
 from moaflow.learn.inputs import input_transform, resolve_scaling
 
 @keras.saving.register_keras_serializable(package="moaflow")
+def box_blur(images):
+    """3x3 mean filter of a (batch, rows, columns, channels) tensor with OpenCV's default border, reflect-101
+    (as ``cv2.blur``, which the original's augmentation calls): a flat image stays flat at its edges."""
+    channels = ops.shape(images)[-1]
+    kernel = ops.ones((3, 3, channels, 1), dtype=images.dtype) / 9.0
+    padded = ops.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="reflect")   # numpy's reflect = reflect-101
+    return ops.depthwise_conv(padded, kernel, strides=1, padding="valid")
+
+
 class StudyAugmentation(keras.layers.Layer):
     """Kensert et al.'s per-image augmentation, on 0..255 images, training only.
 
@@ -64,9 +73,7 @@ class StudyAugmentation(keras.layers.Layer):
         jitter = ops.convert_to_tensor([0.0, 0.0, 0.25, -0.25], dtype=x.dtype)
         pick = keras.random.randint((batch, 1, 1, channels), 0, 4, seed=self.seed_generator)
         x = x * (1.0 - ops.take(jitter, pick))
-        kernel = ops.ones((3, 3, channels, 1), dtype=x.dtype) / 9.0
-        padded = ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="reflect")   # numpy's reflect = reflect-101
-        x = ops.where(coin(), ops.depthwise_conv(padded, kernel, strides=1, padding="valid"), x)
+        x = ops.where(coin(), box_blur(x), x)
         noise = keras.random.normal(ops.shape(x), stddev=math.sqrt(self.noise_variance), seed=self.seed_generator)
         x = ops.where(coin(), x + ops.cast(noise, x.dtype), x)
         return ops.clip(x, 0.0, 255.0)
@@ -78,6 +85,10 @@ class StudyAugmentation(keras.layers.Layer):
         config = super().get_config()
         config.pop("dtype", None)
         return {**config, "seed": self.seed, "noise_variance": self.noise_variance}
+
+
+#: The frozen body's feature normalisation in front of the head (see `build_model`).
+FEATURE_NORM = "feature_norm"
 
 
 def lab_cnn(input_shape=(256, 256, 3), n_classes: int = 6) -> keras.Model:
@@ -106,6 +117,7 @@ def build_model(
     augmentation: bool = True,
     channel_order: str = "stored",
     input_scaling: str = "raw",
+    transfer: str = "fine_tune",
     seed: int | None = None,
 ) -> keras.Model:
     """Build a registered architecture for square uint8 ``input_size`` crops in stored channel order.
@@ -124,6 +136,9 @@ def build_model(
         Put `StudyAugmentation` after the cast (active only in training).
     channel_order, input_scaling : str
         See `moaflow.learn.inputs` (``pretrained``: the scaling the architecture's ImageNet weights expect).
+    transfer : {"fine_tune", "frozen"}
+        ``frozen``: the body's weights are not trained and it always runs in inference mode (BatchNorm's
+        moving statistics, no dropout), so only the head learns.
     seed : int, optional
         Seeds the augmentation.
 
@@ -142,7 +157,17 @@ def build_model(
     transform = keras.layers.Conv2D(3, 1, dtype="float32", trainable=False, name="input_transform")
     x = transform(x)
     transform.set_weights([kernel, bias])
-    x = architectures.body(architecture, input_size, weights)(x)
+    body = architectures.body(architecture, input_size, weights)
+    if transfer not in architectures.TRANSFERS:
+        raise ValueError(f"transfer={transfer!r}: expected one of {architectures.TRANSFERS}")
+    if transfer == "frozen":
+        body.trainable = False
+        x = body(x, training=False)
+        # A linear probe's usual normalisation (no scale or offset of its own): frozen features of any scale,
+        # ImageNet's or random weights', reach the head standardised.
+        x = keras.layers.BatchNormalization(center=False, scale=False, dtype="float32", name=FEATURE_NORM)(x)
+    else:
+        x = body(x)
     # The head stays float32 under mixed precision (stable softmax / sigmoid).
     if head == "softmax":
         outputs = keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="moa")(x)
@@ -151,12 +176,18 @@ def build_model(
     return keras.Model(inputs, outputs, name=f"{architecture}_{head}")
 
 
+def head_layers(model: keras.Model) -> list:
+    """The layers after the body: the classifier, and before it a frozen body's feature normalisation."""
+    return [layer for layer in model.layers if layer.name in (FEATURE_NORM, "moa", "translocation")]
+
+
 def _chain(model: keras.Model, *, head: bool, name: str) -> keras.Model:
     """A new model over ``model``'s layers (shared weights), without the augmentation, with or without the head."""
     inputs = keras.Input(model.inputs[0].shape[1:], dtype=model.inputs[0].dtype, name="image")
     x = inputs
-    for layer in model.layers[1:] if head else model.layers[1:-1]:
-        if not isinstance(layer, StudyAugmentation):
+    excluded = () if head else head_layers(model)
+    for layer in model.layers[1:]:
+        if not isinstance(layer, StudyAugmentation) and layer not in excluded:
             x = layer(x)
     return keras.Model(inputs, x, name=name)
 

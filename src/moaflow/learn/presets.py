@@ -28,6 +28,11 @@ PRESETS = {
     # The course lab's protocol: Adam, batch 32, 30 epochs, inputs / 255.
     "lab": {"epochs": 30, "batch_size": 32, "optimizer": "adam", "learning_rate": 1e-3, "class_weights": False,
             "augmentation": False, "channel_order": "stored", "input_scaling": "unit"},
+    # ImageNet features with a trained head: the body frozen (its features computed once per job), the crops fed
+    # as the weights were trained on (RGB = the stored channels, the weights' own scaling), Adam on the head.
+    "imagenet_features": {"transfer": "frozen", "epochs": 50, "batch_size": 32, "optimizer": "adam",
+                          "learning_rate": 1e-3, "class_weights": True, "augmentation": False,
+                          "channel_order": "stored", "input_scaling": "pretrained"},
 }
 
 _SCHEMA = "data/hyperparameters.schema.yaml"

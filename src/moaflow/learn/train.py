@@ -42,7 +42,7 @@ from moaflow.learn import folds as folds_module
 from moaflow.learn.checkpoints import FoldCheckpoint
 from moaflow.learn.devices import check_devices, prepare_environment
 from moaflow.learn.selection import ModelSelection
-from moaflow.logs import stderr
+from moaflow.logs import rate, stderr
 from moaflow.tracking import LiveRun, is_server, resolve_uri
 
 #: Part of every fold's fingerprint: bump when a fold's outputs change meaning.
@@ -230,7 +230,7 @@ def _train_folds(store_path, index, labels, classes, todo, *, architecture, weig
                  checkpoints_dir, load_into_memory, checkpoint_minutes, record, tracking, occlusion, log) -> dict:
     """Train the ``todo`` folds (row, fingerprint) with one `Trainer`; per fold: fingerprint and accuracy."""
     from moaflow.learn.feeder import open_store
-    from moaflow.learn.trainer import Trainer
+    from moaflow.learn.trainer import trainer_for
 
     store = open_store(store_path, load_into_memory, log)
     if len(store) != len(index):
@@ -238,8 +238,8 @@ def _train_folds(store_path, index, labels, classes, todo, *, architecture, weig
     steps = int(np.ceil(len(folds_module.split(index, todo[0][0])["train"]) / hyper["batch_size"]))
     if hyper["steps_per_epoch"]:
         steps = min(steps, hyper["steps_per_epoch"])
-    trainer = Trainer(store, architecture, len(classes), weights=weights, hyper=hyper, seed=seed,
-                      steps_per_epoch=steps)
+    trainer = trainer_for(hyper)(store, architecture, len(classes), weights=weights, hyper=hyper, seed=seed,
+                                 steps_per_epoch=steps, log=log)
     done = {}
     # A fold's last step (compressing its model, run.json) overlaps the next fold's training.
     with ThreadPoolExecutor(max_workers=1) as finishing:
@@ -289,22 +289,21 @@ def _record(record: dict, fold: FoldRun, hyper: dict, classes: list[str], traine
 
 def _fit(trainer, fold: FoldRun, hyper: dict, seed: int, log) -> float:
     """Train the fold's remaining epochs; seconds taken."""
-    from moaflow.learn.feeder import CropBatches, class_weights
+    from moaflow.learn.feeder import class_weights
     from moaflow.learn.trainer import EpochEnd
 
     rows = fold.parts["train"]
     weights = None
     if hyper["class_weights"]:
         weights = class_weights(fold.labels[rows], len(fold.classes))[fold.labels[rows]]
-    train_set = CropBatches(trainer.store, rows, fold.targets[rows], hyper["batch_size"], shuffle=True, seed=seed,
-                            weights=weights, full_batches=True, max_batches=hyper["steps_per_epoch"])
+    train_set = trainer.batches(rows, fold.targets[rows], weights, seed)
     started = time.monotonic()
     if fold.epochs_done < fold.epochs:
         train_set.set_epoch(fold.epochs_done)
         # shuffle=False: CropBatches shuffles by (seed, epoch); Keras' own shuffle would reorder batches
         # from Python's global random state, so a fold would depend on what ran before it.
-        trainer.model.fit(train_set, epochs=fold.epochs, initial_epoch=fold.epochs_done, verbose=0, shuffle=False,
-                          callbacks=[EpochEnd(trainer, fold, len(train_set) * hyper["batch_size"], log)])
+        trainer.network.fit(train_set, epochs=fold.epochs, initial_epoch=fold.epochs_done, verbose=0, shuffle=False,
+                            callbacks=[EpochEnd(trainer, fold, len(train_set) * hyper["batch_size"], log)])
     return time.monotonic() - started
 
 
@@ -342,14 +341,14 @@ def _train_fold(trainer, index, labels, classes, row, *, hyper, seed, out_dir: P
     fold = _start_fold(trainer, index, labels, classes, row, hyper=hyper, checkpoint=checkpoint, record=record,
                        tracking=tracking, log=log)
     seconds = _fit(trainer, fold, hyper, seed, log)
-    chosen = fold.selection.choose(trainer.model.set_weights)
+    chosen = fold.selection.choose(trainer.network.set_weights)
     frames = {name: _predictions(trainer, fold, index, classes, record, hyper["head"], name)
               for name in ("test", "validation")}
     _write_fold_outputs(trainer, fold, frames, index, out_dir, occlusion)
     measured = [h["images_per_second"] for h in fold.history[1:]] or [h["images_per_second"] for h in fold.history]
     run = {**_record(record, fold, hyper, classes, trainer), "train_seconds": seconds,
            "images_per_second": float(np.median(measured)) if measured else None,
-           "dtype_policy": hyper["precision"], "jit_compile": bool(getattr(trainer.model, "jit_compile", False)),
+           "dtype_policy": hyper["precision"], "jit_compile": bool(getattr(trainer.network, "jit_compile", False)),
            "run_eagerly": bool(hyper["run_eagerly"]), "batch_size": hyper["batch_size"], "model_selection": chosen,
            "test_accuracy": _accuracy(frames["test"], classes),
            "validation_accuracy": _accuracy(frames["validation"], classes), "finished_at": _now()}
@@ -358,7 +357,7 @@ def _train_fold(trainer, index, labels, classes, row, *, hyper, seed, out_dir: P
         run.update(mlflow_run_id=fold.live.run_id, mlflow_tracking_uri=resolve_uri(tracking.get("uri")))
     accuracy = run["test_accuracy"]
     log(f"done: held-out accuracy {accuracy if accuracy is None else round(accuracy, 3)} ({chosen}) after "
-        f"{len(fold.history)} epochs, {run['images_per_second'] or 0:,.0f} images/s")
+        f"{len(fold.history)} epochs, {rate(run['images_per_second'])} images/s")
     return run
 
 

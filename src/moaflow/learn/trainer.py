@@ -2,10 +2,13 @@
 
 `Trainer` builds and compiles one model per job (one compilation), keeps its
 initial state, and returns to it between folds, so a fold's result does not
-depend on how folds were grouped into jobs. `EpochEnd` predicts the held-out
-and validation crops after every epoch, records the history line (losses,
-accuracies, images/s, ETA), feeds the model selection, logs to a live MLflow
-run and checkpoints the fold when one is due.
+depend on how folds were grouped into jobs. With a frozen body and no
+augmentation (`FrozenFeatures`) every crop's features are the same in every
+epoch and fold, so they are computed once per job and only the head trains on
+them: the same model, the same numbers, a fraction of the work. `EpochEnd`
+predicts the held-out and validation crops after every epoch, records the
+history line (losses, accuracies, images/s, ETA), feeds the model selection,
+logs to a live MLflow run and checkpoints the fold when one is due.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import time
 import keras
 import numpy as np
 
-from moaflow.learn.feeder import predict
-from moaflow.learn.models import StudyAugmentation, build_model, embedding_model
+from moaflow.learn.feeder import CropBatches, predict
+from moaflow.learn.models import StudyAugmentation, build_model, embedding_model, head_layers
+from moaflow.logs import rate
 
 
 def optimizer(hyper: dict, steps_per_epoch: int):
@@ -66,36 +70,49 @@ class Trainer:
         Seeds the initial weights and the augmentation.
     steps_per_epoch : int
         For the learning-rate schedule.
+    log : callable
+
+    Attributes
+    ----------
+    model : keras.Model
+        The whole network (what a fold saves, and the occlusion maps use).
+    network : keras.Model
+        What ``fit`` trains: the whole model here, only its head in `FrozenFeatures`.
     """
 
     def __init__(self, store, architecture: str, n_classes: int, *, weights, hyper: dict, seed: int,
-                 steps_per_epoch: int):
+                 steps_per_epoch: int, log=lambda _: None):
         self.store, self.hyper = store, hyper
         keras.utils.set_random_seed(seed)
         keras.config.set_dtype_policy(hyper["precision"])
         self.model = build_model(architecture, store.shape[1], n_classes, weights=weights, head=hyper["head"],
                                  augmentation=hyper["augmentation"], channel_order=hyper["channel_order"],
-                                 input_scaling=hyper["input_scaling"], seed=seed)
-        loss = "categorical_crossentropy" if hyper["head"] == "softmax" else "binary_crossentropy"
-        self.model.compile(optimizer=optimizer(hyper, steps_per_epoch), loss=loss, metrics=["accuracy"],
+                                 input_scaling=hyper["input_scaling"], transfer=hyper["transfer"], seed=seed)
+        self.loss = "categorical_crossentropy" if hyper["head"] == "softmax" else "binary_crossentropy"
+        self.model.compile(optimizer=optimizer(hyper, steps_per_epoch), loss=self.loss, metrics=["accuracy"],
                            run_eagerly=hyper["run_eagerly"])
         self.model.optimizer.build(self.model.trainable_variables)
         self.augmentation = next((la for la in self.model.layers if isinstance(la, StudyAugmentation)), None)
         # The pooled features before the head, sharing the model's weights: built (and compiled) once per job.
         self.features = embedding_model(self.model)
+        self.network = self.model
+        self._prepare(steps_per_epoch, log)
         self.initial = self.state()
+
+    def _prepare(self, steps_per_epoch: int, log) -> None:
+        """What a variant sets up before the initial state is taken (nothing here)."""
 
     def state(self) -> dict[str, list[np.ndarray]]:
         """Weights, optimizer variables and the augmentation's random state, as arrays."""
-        state = {"model": [np.array(w) for w in self.model.get_weights()],
-                 "optimizer": [keras.ops.convert_to_numpy(v) for v in self.model.optimizer.variables]}
+        state = {"model": [np.array(w) for w in self.network.get_weights()],
+                 "optimizer": [keras.ops.convert_to_numpy(v) for v in self.network.optimizer.variables]}
         if self.augmentation is not None:
             state["augmentation"] = [keras.ops.convert_to_numpy(self.augmentation.seed_generator.state)]
         return state
 
     def restore(self, state: dict[str, list[np.ndarray]]) -> None:
-        self.model.set_weights(state["model"])
-        for variable, value in zip(self.model.optimizer.variables, state["optimizer"]):
+        self.network.set_weights(state["model"])
+        for variable, value in zip(self.network.optimizer.variables, state["optimizer"]):
             variable.assign(value)
         if self.augmentation is not None:
             self.augmentation.seed_generator.state.assign(state["augmentation"][0])
@@ -109,6 +126,55 @@ class Trainer:
 
     def embed(self, rows: np.ndarray) -> np.ndarray:
         return predict(self.features, self.store, rows, self.hyper["batch_size"])
+
+    def batches(self, rows: np.ndarray, targets: np.ndarray, weights: np.ndarray | None, seed: int) -> CropBatches:
+        """An epoch's shuffled full batches of the training rows (what ``network.fit`` reads)."""
+        return CropBatches(self.store, rows, targets, self.hyper["batch_size"], shuffle=True, seed=seed,
+                           weights=weights, full_batches=True, max_batches=self.hyper["steps_per_epoch"])
+
+
+class FrozenFeatures(Trainer):
+    """A frozen body without augmentation: each crop's features computed once per job, the head trained on them.
+
+    The body runs in inference mode whatever the fold (`moaflow.learn.models.build_model` with ``transfer:
+    frozen``), so its features of a crop never change; the head layer is the whole model's own, so the
+    saved model and the occlusion maps are the trained network itself.
+    """
+
+    def _prepare(self, steps_per_epoch: int, log) -> None:
+        import time as clock
+
+        started = clock.monotonic()
+        self.cached = predict(self.features, self.store, np.arange(len(self.store)), self.hyper["batch_size"])
+        log(f"frozen body: features of {len(self.store):,} crops computed once ({clock.monotonic() - started:.0f} s); "
+            "the head trains on them")
+        inputs = x = keras.Input((self.cached.shape[1],), name="features")
+        for layer in head_layers(self.model):   # the whole model's own layers: training them trains it
+            x = layer(x)
+        self.network = keras.Model(inputs, x, name=f"{self.model.name}_head")
+        # A step of the head alone takes microseconds: a whole epoch's steps per call, not one call per step.
+        self.network.compile(optimizer=optimizer(self.hyper, steps_per_epoch), loss=self.loss, metrics=["accuracy"],
+                             run_eagerly=self.hyper["run_eagerly"], steps_per_execution=max(1, steps_per_epoch))
+        self.network.optimizer.build(self.network.trainable_variables)
+
+    def predict(self, rows: np.ndarray) -> np.ndarray:
+        # The head alone on features in memory: one call, no prediction loop (its overhead would dominate).
+        if len(rows) == 0:
+            return np.zeros((0, self.network.outputs[0].shape[-1]), np.float32)
+        return keras.ops.convert_to_numpy(self.network(self.cached[rows], training=False))
+
+    def embed(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.cached[rows])
+
+    def batches(self, rows: np.ndarray, targets: np.ndarray, weights: np.ndarray | None, seed: int) -> CropBatches:
+        # Batches of features in memory take microseconds: no prefetching threads.
+        return CropBatches(self.cached, rows, targets, self.hyper["batch_size"], shuffle=True, seed=seed,
+                           weights=weights, full_batches=True, max_batches=self.hyper["steps_per_epoch"], workers=1)
+
+
+def trainer_for(hyper: dict) -> type[Trainer]:
+    """`FrozenFeatures` when the body is frozen and nothing changes its input between epochs, else `Trainer`."""
+    return FrozenFeatures if hyper["transfer"] == "frozen" and not hyper["augmentation"] else Trainer
 
 
 class EpochEnd(keras.callbacks.Callback):
@@ -145,11 +211,11 @@ class EpochEnd(keras.callbacks.Callback):
         fold.history.append({"epoch": epoch + 1, **logs})
         if fold.live is not None:
             fold.live.epoch(epoch + 1, logs)
-        fold.selection.observe(epoch + 1, predicted, logs.get("val_accuracy"), self.trainer.model.get_weights)
+        fold.selection.observe(epoch + 1, predicted, logs.get("val_accuracy"), self.trainer.network.get_weights)
         done, epochs = epoch + 1, fold.epochs
         mean_time = np.mean([h["seconds"] for h in fold.history[-5:]])
         shown = ", ".join(f"{k} {v:.4f}" for k, v in logs.items() if k not in ("seconds", "images_per_second"))
-        self.log(f"epoch {done}/{epochs}: {shown} ({logs['seconds']:.1f} s, {logs['images_per_second']:,.0f} "
+        self.log(f"epoch {done}/{epochs}: {shown} ({logs['seconds']:.1f} s, {rate(logs['images_per_second'])} "
                  f"images/s, ETA {mean_time * (epochs - done):.0f} s)")
         if done < epochs and fold.checkpoint.due():
             fold.save_checkpoint(self.trainer, done)
