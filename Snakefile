@@ -13,12 +13,14 @@ include: "workflow/rules/crops.smk"
 include: "workflow/rules/training.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/profiling.smk"
+include: "workflow/rules/resources.smk"
 
 
 rule all:
     default_target: True
     input:
         all_targets(),
+        layout.resources(),
 
 
 # Where jobs run: fetching needs the internet, which cluster compute nodes often lack.

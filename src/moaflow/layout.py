@@ -173,5 +173,24 @@ def log(stage, name, root=ROOT) -> str:
     return _join(root, "logs", stage, f"{name}.log")
 
 
+def benchmark_folder(root=ROOT) -> str:
+    return _join(root, "benchmarks")
+
+
+def benchmark(rule, name, root=ROOT) -> str:
+    """A job's cost record (Snakemake's ``benchmark:``: seconds, peak memory, I/O), by rule."""
+    return _join(benchmark_folder(root), rule, f"{name}.tsv")
+
+
+def resources(root=ROOT) -> str:
+    """Every job's cost records gathered, per rule (the report's Resources)."""
+    return _join(root, "resources.csv")
+
+
+def disk_usage(root=ROOT) -> str:
+    """The disk used under each results folder at the end of a run."""
+    return _join(root, "disk_usage.csv")
+
+
 def report(root=ROOT) -> str:
     return _join(root, "report.html")

@@ -20,6 +20,8 @@ from moaflow.devtools.serve import StandinServer
 
 from tests.conftest import DEFAULTS, REFERENCE, flags
 
+REAL_MOA = Path(__file__).resolve().parents[2] / "src" / "moaflow" / "data" / "BBBC021_v1_moa.csv"
+
 
 def fetch(urls, destination, **options):
     """`moaflow.datasets.download.fetch` with the config's default download settings, unless given."""
@@ -33,8 +35,11 @@ def _fetch_flags(base_url: str, filename: str, destination) -> list[str]:
                  kind="zip")
 
 
-def _extract_flags(archive, image_csv, plate, target) -> list[str]:
-    return flags(archive=archive, target=target, image_csv=image_csv, plate=plate, settings=DEFAULTS["download"])
+def _extract_flags(archive, image_csv, plate, target, **settings) -> list[str]:
+    """`moaflow extract-bbbc021` of one plate with the study's taxol rule and the default download settings
+    (over which ``settings`` go)."""
+    return flags(archive=archive, target=target, image_csv=image_csv, moa_csv=REAL_MOA, plate=plate, taxol_rule=True,
+                 settings={**DEFAULTS["download"], **settings})
 
 
 def _random_zip(path: Path, megabytes: float, seed: int = 0) -> Path:
@@ -192,6 +197,72 @@ def test_extract_checks_every_tiff(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == sorted([*good, download.EXTRACT_MANIFEST])
 
 
+def test_only_the_fields_the_study_reads_are_written(tmp_path, capsys):
+    """A member the study does not read (here a 5 MB file no field names, and a field of a compound without an
+    MoA) stays in the archive: not written, not counted as verified, its size said in the log."""
+    plate = "Week1_22123"
+    csv = _image_csv(tmp_path / "image.csv", plate, ["B02"])
+    with open(csv, "a") as handle:   # a field of a compound the MoA table does not annotate
+        handle.write(f"1,9,C05_s1_w1.tif,Week1/{plate},C05_s1_w2.tif,Week1/{plate},C05_s1_w4.tif,Week1/{plate},{plate},"
+                     "C05,1,unannotated,1\n")
+    files = {f"{w}_s1_w{c}.tif": _tiff_bytes() for w in ("B02", "C05") for c in (1, 2, 4)}
+    files["large-unlisted.bin"] = bytes(5_000_000)
+    archive = _plate_zip(tmp_path / "plate.zip", plate, files)
+    target = tmp_path / "images" / plate
+    assert moaflow(["extract-bbbc021", *_extract_flags(archive, csv, plate, target, keep_archives=True)]) == 0
+    assert sorted(p.name for p in target.iterdir()) == sorted([f"B02_s1_w{c}.tif" for c in (1, 2, 4)]
+                                                              + [download.EXTRACT_MANIFEST])
+    assert "3 file(s) the study reads extracted; 4 others (5.0 MB) left in the archive" in capsys.readouterr().err
+
+
+def test_a_reused_extraction_is_checked_against_the_archives_crcs(tmp_path, capsys):
+    """Reusing an extraction re-reads its files' CRC-32s: two same-size TIFFs swapped after extraction are
+    caught and extracted again (sizes alone would pass them)."""
+    plate = "Week1_22123"
+    csv = _image_csv(tmp_path / "image.csv", plate, ["B02"])
+    files = {f"B02_s1_w{c}.tif": _tiff_bytes() for c in (1, 2, 4)}
+    files["B02_s1_w2.tif"] = _tiff_bytes()[:-2] + b"\x07\x00"   # same size, other pixels
+    archive = _plate_zip(tmp_path / "plate.zip", plate, files)
+    target = tmp_path / "images" / plate
+    download.write_receipt(download.fetch_published("plate.zip", archive, base_urls=["http://127.0.0.1:9/"],
+                                                    settings=DEFAULTS["download"], published=None, kind="zip",
+                                                    log=lambda _: None), str(archive) + ".verified.json", archive)
+    options = _extract_flags(archive, csv, plate, target, keep_archives=True)
+    assert moaflow(["extract-bbbc021", *options]) == 0
+    assert moaflow(["extract-bbbc021", *options]) == 0 and "nothing extracted" in capsys.readouterr().err
+    one, two = target / "B02_s1_w1.tif", target / "B02_s1_w2.tif"
+    swapped = one.read_bytes()
+    one.write_bytes(two.read_bytes())
+    two.write_bytes(swapped)
+    assert moaflow(["extract-bbbc021", *options]) == 0
+    assert "differs from the archive's (size or CRC-32): extracting again" in capsys.readouterr().err
+    assert two.read_bytes() == files["B02_s1_w2.tif"]
+
+
+def test_archives_are_released_after_extraction_and_a_wider_study_says_what_to_refetch(tmp_path, capsys):
+    """download.keep_archives false: the zip goes once its extraction is verified; a rerun reuses the extraction
+    without it; a study that now reads a field not extracted names the archive to fetch again."""
+    plate = "Week1_22123"
+    csv = _image_csv(tmp_path / "image.csv", plate, ["B02"])
+    files = {f"{w}_s1_w{c}.tif": _tiff_bytes() for w in ("B02", "C05") for c in (1, 2, 4)}
+    archive = _plate_zip(tmp_path / "plate.zip", plate, files)
+    download.write_receipt(download.fetch_published("plate.zip", archive, base_urls=["http://127.0.0.1:9/"],
+                                                    settings=DEFAULTS["download"], published=None, kind="zip",
+                                                    log=lambda _: None), str(archive) + ".verified.json", archive)
+    target = tmp_path / "images" / plate
+    options = _extract_flags(archive, csv, plate, target, keep_archives=False)
+    assert moaflow(["extract-bbbc021", *options]) == 0 and not archive.exists()
+    assert "removed after its verified extraction" in capsys.readouterr().err
+    assert moaflow(["extract-bbbc021", *options]) == 0 and "nothing extracted" in capsys.readouterr().err
+    with open(csv, "a") as handle:   # the study now reads another DMSO field of the plate
+        handle.write(f"1,9,C05_s1_w1.tif,Week1/{plate},C05_s1_w2.tif,Week1/{plate},C05_s1_w4.tif,Week1/{plate},{plate},"
+                     "C05,1,DMSO,0\n")
+    assert moaflow(["extract-bbbc021", *options]) == 1
+    error = capsys.readouterr().err
+    assert "plate.zip" in error and "keep_archives" in error and "--forcerun download_bbbc021_plate" in error
+    assert (target / "B02_s1_w1.tif").is_file()      # the good extraction is kept
+
+
 def test_truncated_tiff_is_named_and_nothing_is_left(tmp_path, capsys):
     plate = "Week1_22123"
     csv = _image_csv(tmp_path / "image.csv", plate, ["B02"])
@@ -244,7 +315,6 @@ def test_symlink_entries_are_refused(tmp_path):
 
 # ----------------------------------------------------------------- metadata CSVs
 
-REAL_MOA = Path(__file__).resolve().parents[2] / "src" / "moaflow" / "data" / "BBBC021_v1_moa.csv"
 
 
 @pytest.fixture

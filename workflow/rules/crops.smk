@@ -14,6 +14,8 @@ for _name, _crops in CROPS.items():
             output=layout.image_table(_name),
         log:
             layout.log("image_table", _name),
+        benchmark:
+            layout.benchmark(f"crops_table_{_name}", _name)
         conda:
             "../../envs/moaflow.yaml"
         threads: 1
@@ -49,6 +51,8 @@ for _name, _crops in CROPS.items():
             layout.store_index(_name),
         log:
             layout.log("preprocess", _name),
+        benchmark:
+            layout.benchmark(f"preprocess_{_name}", _name)
         conda:
             "../../envs/moaflow.yaml"
         threads: 1
@@ -71,6 +75,8 @@ for _name, _crops in CROPS.items():
             output=layout.generated_folds(_name),
         log:
             layout.log("training", f"{_name}_folds"),
+        benchmark:
+            layout.benchmark(f"folds_{_name}", f"{_name}_folds")
         conda:
             "../../envs/moaflow.yaml"
         threads: 1

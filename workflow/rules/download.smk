@@ -16,6 +16,8 @@ rule download_bbbc021_metadata:
         destination=receipt(layout.raw("bbbc021", "{filename}")),
     log:
         layout.log("download", "bbbc021_{filename}"),
+    benchmark:
+        layout.benchmark("download_bbbc021_metadata", "bbbc021_{filename}")
     wildcard_constraints:
         filename=r"BBBC021_v1_[a-z]+\.csv",
     conda:
@@ -43,6 +45,8 @@ rule download_bbbc021_plate:
         destination=receipt(layout.raw("bbbc021", "BBBC021_v1_images_{plate}.zip")),
     log:
         layout.log("download", "bbbc021_{plate}"),
+    benchmark:
+        layout.benchmark("download_bbbc021_plate", "bbbc021_{plate}")
     conda:
         "../../envs/moaflow.yaml"
     threads: 1
@@ -64,10 +68,13 @@ rule extract_bbbc021_plate:
     input:
         archive=receipt(layout.raw("bbbc021", "BBBC021_v1_images_{plate}.zip")),
         image_csv=receipt(BBBC021_IMAGE_CSV),
+        moa_csv=receipt(BBBC021_MOA_CSV),
     output:
         target=receipt(layout.plate_images("{plate}")),
     log:
         layout.log("extract", "bbbc021_{plate}"),
+    benchmark:
+        layout.benchmark("extract_bbbc021_plate", "bbbc021_{plate}")
     conda:
         "../../envs/moaflow.yaml"
     threads: 1
@@ -77,6 +84,8 @@ rule extract_bbbc021_plate:
     params:
         step="extract-bbbc021",
         plate="{plate}",
+        # which fields the study reads: a change extracts what is missing
+        taxol_rule=config["bbbc021"]["taxol_rule"],
     script:
         "../scripts/extract.py"
 
@@ -86,6 +95,8 @@ rule download_bbbc014_file:
         destination=receipt(layout.raw("bbbc014", "{filename}")),
     log:
         layout.log("download", "bbbc014_{filename}"),
+    benchmark:
+        layout.benchmark("download_bbbc014_file", "bbbc014_{filename}")
     wildcard_constraints:
         filename=r"BBBC014_v1_[A-Za-z_]+\.(zip|txt)",
     conda:
@@ -114,6 +125,8 @@ rule extract_bbbc014:
         target=receipt(layout.images_dir("bbbc014")),
     log:
         layout.log("extract", "bbbc014"),
+    benchmark:
+        layout.benchmark("extract_bbbc014", "bbbc014")
     conda:
         "../../envs/moaflow.yaml"
     threads: 1

@@ -44,6 +44,8 @@ for _dataset in MOA_DATASETS:
             *study_outputs(_dataset).values(),
         log:
             layout.log("evaluation", _dataset),
+        benchmark:
+            layout.benchmark(f"evaluate_{_dataset}", _dataset)
         conda:
             "../../envs/moaflow.yaml"
         threads: 1
@@ -78,6 +80,8 @@ if "bbbc014" in DATASETS:
             ),
         log:
             layout.log("evaluation", "bbbc014"),
+        benchmark:
+            layout.benchmark("evaluate_bbbc014", "bbbc014")
         conda:
             "../../envs/moaflow.yaml"
         threads: 1

@@ -10,6 +10,8 @@ rule bbbc021_image_table:
         output=layout.image_table("bbbc021"),
     log:
         layout.log("image_table", "bbbc021"),
+    benchmark:
+        layout.benchmark("bbbc021_image_table", "bbbc021")
     conda:
         "../../envs/moaflow.yaml"
     threads: 1
@@ -32,6 +34,8 @@ rule bbbc014_image_table:
         output=layout.image_table("bbbc014"),
     log:
         layout.log("image_table", "bbbc014"),
+    benchmark:
+        layout.benchmark("bbbc014_image_table", "bbbc014")
     conda:
         "../../envs/moaflow.yaml"
     threads: 1

@@ -8,8 +8,7 @@ ILLUMINATION = PRE021["illumination"]
 
 rule illumination_bbbc021:
     input:
-        plate_images=receipt(layout.plate_images("{plate}")),
-        image_csv=receipt(BBBC021_IMAGE_CSV),
+        table=layout.image_table("bbbc021"),
     output:
         functions=illumination_functions("{plate}"),
         figure=report(
@@ -21,6 +20,8 @@ rule illumination_bbbc021:
         ),
     log:
         layout.log("illumination", "{plate}"),
+    benchmark:
+        layout.benchmark("illumination_bbbc021", "{plate}")
     conda:
         "../../envs/moaflow.yaml"
     threads: 1
@@ -60,6 +61,8 @@ for _kind, _suffix in (("crops", ""), ("dmso", "_dmso")):
             layout.plate_part("{plate}", _kind) + ".index.parquet",
         log:
             layout.log(f"preprocess{_suffix}", "{plate}"),
+        benchmark:
+            layout.benchmark(f"preprocess_bbbc021{_suffix}_plate", "{plate}")
         conda:
             "../../envs/moaflow.yaml"
         threads: 1
@@ -95,6 +98,8 @@ for _kind, _suffix in (("crops", ""), ("dmso", "_dmso")):
             layout.store_index("bbbc021", _kind),
         log:
             layout.log("preprocess", f"gather_bbbc021{_suffix}"),
+        benchmark:
+            layout.benchmark(f"gather_bbbc021{_suffix}", f"gather_bbbc021{_suffix}")
         conda:
             "../../envs/moaflow.yaml"
         threads: 1
@@ -119,6 +124,8 @@ rule preprocess_bbbc014:
         layout.store_index("bbbc014"),
     log:
         layout.log("preprocess", "bbbc014"),
+    benchmark:
+        layout.benchmark("preprocess_bbbc014", "bbbc014")
     conda:
         "../../envs/moaflow.yaml"
     threads: 1

@@ -15,6 +15,10 @@ rule embed_controls:
         ),
     log:
         layout.log("profiling", "controls/{dataset}/{architecture}/{init}/seed-{seed}"),
+    benchmark:
+        layout.benchmark(
+            "embed_controls", "controls/{dataset}/{architecture}/{init}/seed-{seed}"
+        )
     conda:
         "../../envs/moaflow.yaml"
     threads: TRAIN["resources"]["threads"]
@@ -68,6 +72,8 @@ for _dataset in MOA_DATASETS if PROFILING["enabled"] else []:
             layout.profiling(_dataset, "summary.json"),
         log:
             layout.log("profiling", _dataset),
+        benchmark:
+            layout.benchmark(f"profile_{_dataset}", _dataset)
         conda:
             "../../envs/moaflow.yaml"
         threads: 1
@@ -112,6 +118,11 @@ for _dataset in MOA_DATASETS if PROFILING["enabled"] else []:
                 ),
             log:
                 layout.log("interpretation", f"{_dataset}_{_architecture}_{_init}"),
+            benchmark:
+                layout.benchmark(
+                    f"interpret_{_dataset}_{_architecture}_{_init}",
+                    f"{_dataset}_{_architecture}_{_init}",
+                )
             conda:
                 "../../envs/moaflow.yaml"
             threads: 1

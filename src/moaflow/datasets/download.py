@@ -30,6 +30,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -43,7 +44,7 @@ __all__ = ["DownloadError", "VerificationError", "fetch", "extract_archive", "ve
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 #: Bumped when extraction checks change: folders extracted under older checks are then redone.
-EXTRACT_CHECKS_VERSION = 2
+EXTRACT_CHECKS_VERSION = 3
 EXTRACT_MANIFEST = ".moaflow-extract.json"
 
 
@@ -378,8 +379,20 @@ def _safe_member_path(name: str, archive: Path) -> PurePosixPath:
     return member
 
 
-def _previous_extraction(target: Path, archive_sha256: str | None) -> dict | None:
-    """The manifest of an earlier extraction of the same archive under the same checks, if intact."""
+def file_crc32(path: str | os.PathLike) -> int:
+    """The CRC-32 of a file (what a zip records per member), read in 4 MB blocks."""
+    crc = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _previous_extraction(target: Path, archive_sha256: str | None, wanted: Iterable[str] | None,
+                         log: Callable[[str], None]) -> dict | None:
+    """The manifest of an earlier extraction of the same archive under the same checks that holds every
+    ``wanted`` file intact: each one's size and CRC-32 as the archive recorded them (a swapped or altered
+    file of the same size is caught)."""
     import json
 
     manifest_path = target / EXTRACT_MANIFEST
@@ -391,9 +404,15 @@ def _previous_extraction(target: Path, archive_sha256: str | None) -> dict | Non
         return None
     if manifest.get("archive_sha256") != archive_sha256 or manifest.get("checks_version") != EXTRACT_CHECKS_VERSION:
         return None
-    for name, size in manifest.get("files", {}).items():
+    files, crcs = manifest.get("files", {}), manifest.get("crc32", {})
+    missing = sorted(set(wanted or files) - set(files))
+    if missing:
+        log(f"{target}: {len(missing)} file(s) the study reads are not in the earlier extraction, e.g. {missing[:2]}")
+        return None
+    for name in wanted or files:
         path = target / name
-        if not path.is_file() or path.stat().st_size != size:
+        if not path.is_file() or path.stat().st_size != files[name] or file_crc32(path) != crcs.get(name):
+            log(f"{target}: {name} differs from the archive's (size or CRC-32): extracting again")
             return None
     return manifest
 
@@ -404,6 +423,7 @@ def extract_archive(
     *,
     member_root: str,
     expected: Iterable[str] | None = None,
+    only_expected: bool = False,
     expected_count: int | None = None,
     check_file: Callable[[Path], object] | None = None,
     check_all: Callable[[list[Path]], object] | None = None,
@@ -424,6 +444,8 @@ def extract_archive(
         ``BBBC014_v1_images/``). Other members are ignored but still checked for path escapes.
     expected : iterable of str, optional
         File names that must be present under ``member_root``.
+    only_expected : bool
+        Write only the ``expected`` files (the others are not written, only counted).
     expected_count : int, optional
         How many files ``member_root/`` must hold.
     check_file : callable, optional
@@ -451,22 +473,40 @@ def extract_archive(
         expected files or a failed check, each naming the file.
     """
     archive, target = Path(archive), Path(target)
+    expected = None if expected is None else set(expected)
     staging = target.with_name(f".{target.name}.partial")
     restore_folder(target)   # a swap interrupted between its two renames: put the good folder back
-    previous = _previous_extraction(target, archive_sha256)
+    previous = _previous_extraction(target, archive_sha256, expected if only_expected else None, log)
     if previous is not None:
         log(f"{target}: already holds a verified extraction of this archive ({len(previous['files'])} files); "
             "nothing extracted")
         return {**previous, "reused": True}
+    if not archive.exists():
+        raise VerificationError(
+            f"{archive}: needed to extract {target}, but it was removed after an earlier extraction "
+            "(download.keep_archives: false), which lacks what the configured study now reads: fetch it again "
+            "by forcing its download (snakemake --forcerun download_bbbc021_plate)")
+    manifest = _extract_verified(archive, target, staging, member_root=member_root, expected=expected,
+                                 only_expected=only_expected, expected_count=expected_count, check_file=check_file,
+                                 check_all=check_all, max_bytes=max_bytes, archive_sha256=archive_sha256, log=log)
+    log(f"{target}: {len(manifest['files'])} files, {manifest['bytes'] / 1e6:,.1f} MB extracted and verified")
+    return {**manifest, "reused": False}
+
+
+def _extract_verified(archive: Path, target: Path, staging: Path, *, member_root, expected, only_expected,
+                      expected_count, check_file, check_all, max_bytes, archive_sha256, log) -> dict:
+    """`extract_archive`'s work: extract into ``staging``, check, write the manifest, swap into ``target``."""
     if staging.exists():
         shutil.rmtree(staging)
     try:
         with zipfile.ZipFile(archive) as zf:
-            wanted = _members_to_extract(zf, archive, member_root, max_bytes)
+            wanted = _members_to_extract(zf, archive, member_root, max_bytes, expected if only_expected else None,
+                                         log)
             staging.mkdir(parents=True)
             files = _extract_members(zf, wanted, archive, staging, max_bytes, check_file, log)
+            crcs = {_relative(i.filename, archive): i.CRC for i in wanted}
         _check_extraction(files, archive, member_root, staging, expected, expected_count, check_all)
-        manifest = {"archive": str(archive), "archive_sha256": archive_sha256, "files": files,
+        manifest = {"archive": str(archive), "archive_sha256": archive_sha256, "files": files, "crc32": crcs,
                     "bytes": sum(files.values()), "checks_version": EXTRACT_CHECKS_VERSION, "time": _now()}
         write_json(manifest, staging / EXTRACT_MANIFEST)
         replace_folder(staging, target)   # the old folder goes only once its verified replacement is in place
@@ -475,18 +515,30 @@ def extract_archive(
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    log(f"{target}: {len(files)} files, {manifest['bytes'] / 1e6:,.1f} MB extracted and verified")
-    return {**manifest, "reused": False}
+    return manifest
 
 
-def _members_to_extract(zf: zipfile.ZipFile, archive: Path, member_root: str, max_bytes: int) -> list:
-    """The files under ``member_root/``, once every member's name was checked and the declared total fits."""
+def _relative(name: str, archive: Path) -> str:
+    """A member's path below its first folder (``<Plate>/<file>`` -> ``<file>``)."""
+    return PurePosixPath(*_safe_member_path(name, archive).parts[1:]).as_posix()
+
+
+def _members_to_extract(zf: zipfile.ZipFile, archive: Path, member_root: str, max_bytes: int,
+                        only: set[str] | None, log) -> list:
+    """The files under ``member_root/`` (those in ``only``, when given), once every member's name was checked and
+    their declared total fits."""
     members = zf.infolist()
     for info in members:  # check every name before writing anything
         _safe_member_path(info.filename, archive)
         if stat.S_ISLNK(info.external_attr >> 16):
             raise VerificationError(f"{archive}: refusing member {info.filename!r}: symbolic link")
     wanted = [i for i in members if not i.is_dir() and PurePosixPath(i.filename).parts[:1] == (member_root,)]
+    if only is not None:
+        skipped = [i for i in wanted if _relative(i.filename, archive) not in only]
+        wanted = [i for i in wanted if _relative(i.filename, archive) in only]
+        if skipped:
+            log(f"{archive.name}: {len(wanted)} file(s) the study reads extracted; {len(skipped)} others "
+                f"({sum(i.file_size for i in skipped) / 1e6:,.1f} MB) left in the archive")
     declared = sum(i.file_size for i in wanted)
     if declared > max_bytes:
         biggest = max(wanted, key=lambda i: i.file_size)
@@ -503,7 +555,7 @@ def _extract_members(zf: zipfile.ZipFile, wanted: list, archive: Path, staging: 
     files: dict[str, int] = {}
     written = 0
     for n, info in enumerate(wanted, 1):
-        relative = PurePosixPath(*_safe_member_path(info.filename, archive).parts[1:])
+        relative = PurePosixPath(_relative(info.filename, archive))
         out_path = staging.joinpath(*relative.parts)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -584,21 +636,19 @@ def write_receipt(receipt: dict, path: str | os.PathLike, data: str | os.PathLik
     os.utime(path, (mtime, mtime))
 
 
-def extract_bbbc021_plate(archive, target, *, image_csv, plate: str, max_bytes: int, max_pixels: int,
-                          archive_sha256: str | None = None, log: Callable[[str], None] = _log_to_stderr) -> dict:
-    """Extract one BBBC021 plate: every TIFF the image CSV names must be present and decode as a
-    16-bit field, and all of the plate's fields must share one size."""
-    from moaflow.datasets import tables, images
+def extract_bbbc021_plate(archive, target, *, image_csv, moa_csv, plate: str, taxol_rule: bool, max_bytes: int,
+                          max_pixels: int, archive_sha256: str | None = None,
+                          log: Callable[[str], None] = _log_to_stderr) -> dict:
+    """Extract the TIFFs of one BBBC021 plate that the study reads (`moaflow.datasets.tables.study_file_names`):
+    each must be present and decode as a 16-bit field, all of one size; the plate's other files stay in the
+    archive."""
+    from moaflow.datasets import images, tables
 
-    fields = set(tables.plate_file_names(image_csv, plate))
-
-    def check_field(path: Path) -> None:
-        if path.name in fields:
-            images.read_tiff(path, max_pixels=max_pixels)
-
+    fields = tables.study_file_names(image_csv, moa_csv, plate, taxol_rule=taxol_rule)
     return extract_archive(
-        archive, target, member_root=plate, expected=fields, check_file=check_field,
-        check_all=lambda paths: images.common_shape([p for p in paths if p.name in fields], max_pixels=max_pixels),
+        archive, target, member_root=plate, expected=fields, only_expected=True,
+        check_file=lambda path: images.read_tiff(path, max_pixels=max_pixels),
+        check_all=lambda paths: images.common_shape(paths, max_pixels=max_pixels),
         max_bytes=max_bytes, archive_sha256=archive_sha256, log=log)
 
 
@@ -653,8 +703,9 @@ def download_file(filename: str, destination: str | os.PathLike, *, base_urls: l
     return receipt
 
 
-def extract_plate(archive: str | os.PathLike, target: str | os.PathLike, *, image_csv: str | os.PathLike, plate: str,
-                  settings: dict, log: Callable[[str], None] = _log_to_stderr) -> dict:
+def extract_plate(archive: str | os.PathLike, target: str | os.PathLike, *, image_csv: str | os.PathLike,
+                  moa_csv: str | os.PathLike, plate: str, taxol_rule: bool, settings: dict,
+                  log: Callable[[str], None] = _log_to_stderr) -> dict:
     """Extract and verify one BBBC021 plate's archive into ``target`` and write its receipt beside it.
 
     Parameters
@@ -664,17 +715,30 @@ def extract_plate(archive: str | os.PathLike, target: str | os.PathLike, *, imag
         extraction).
     target : path
         The plate's image folder, replaced only by a verified extraction.
-    image_csv : path
-        The Broad's image CSV: which TIFFs the plate must hold.
+    image_csv, moa_csv : path
+        The Broad's image and MoA CSVs: which TIFFs of the plate the study reads.
     plate : str
         The plate's name (its folder inside the archive).
+    taxol_rule : bool
+        The study's taxol rule (``bbbc021.taxol_rule``), which decides which taxol fields it reads.
     settings : dict
-        The config's ``download`` section (``max_extracted_gb``, ``max_image_megapixels``).
+        The config's ``download`` section (``max_extracted_gb``, ``max_image_megapixels``, ``keep_archives``).
     """
-    manifest = extract_bbbc021_plate(archive, target, image_csv=image_csv, plate=plate,
-                                     archive_sha256=_archive_digest(archive), log=log, **_limits(settings))
+    manifest = extract_bbbc021_plate(archive, target, image_csv=image_csv, moa_csv=moa_csv, plate=plate,
+                                     taxol_rule=taxol_rule, archive_sha256=_archive_digest(archive), log=log,
+                                     **_limits(settings))
     write_receipt(manifest, layout.receipt(target), Path(target) / EXTRACT_MANIFEST)
+    _release_archive(archive, settings, log)
     return manifest
+
+
+def _release_archive(archive, settings: dict, log) -> None:
+    """Remove a verified extraction's archive unless ``download.keep_archives``: its receipt keeps its size and
+    SHA-256, and a rerun reuses the extraction without it."""
+    if not settings["keep_archives"] and Path(archive).exists():
+        size = Path(archive).stat().st_size
+        Path(archive).unlink()
+        log(f"{archive}: removed after its verified extraction ({size / 1e9:.2f} GB freed; download.keep_archives)")
 
 
 def extract_images(archive: str | os.PathLike, target: str | os.PathLike, *, member_root: str, expected_count: int,
@@ -697,4 +761,5 @@ def extract_images(archive: str | os.PathLike, target: str | os.PathLike, *, mem
     manifest = extract_bbbc014_images(archive, target, member_root=member_root, expected_count=expected_count,
                                       archive_sha256=_archive_digest(archive), log=log, **_limits(settings))
     write_receipt(manifest, layout.receipt(target), Path(target) / EXTRACT_MANIFEST)
+    _release_archive(archive, settings, log)
     return manifest

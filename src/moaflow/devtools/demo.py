@@ -22,15 +22,34 @@ from moaflow.devtools.serve import StandinServer
 
 
 def build_standin(settings: dict) -> Path:
-    """Generate the stand-in of ``settings`` (the config's ``standin`` section) unless it is already there."""
+    """Generate the stand-in of ``settings`` (the config's ``standin`` section) unless it is already there.
+
+    ``bbbc021.plate_map: broad`` renders the study's fields of the Broad's own image CSV
+    (`moaflow.devtools.rehearsal`); ``weights: true`` adds stand-in ImageNet weights of the downloaded
+    architectures and writes their MD5s to ``<out_dir>/standin.yaml``, a config layer for the run.
+    """
     out = Path(settings["out_dir"])
-    wanted = {"bbbc021": settings["bbbc021"], "bbbc014": settings["bbbc014"], "version": standin.GENERATOR_VERSION}
+    wanted = {"bbbc021": settings["bbbc021"], "bbbc014": settings["bbbc014"],
+              "weights": settings.get("weights", False), "version": standin.GENERATOR_VERSION}
     stamp = out / "settings.json"
     if not stamp.exists() or json.loads(stamp.read_text()) != wanted:
         print(f"building the stand-in data in {out} ...", flush=True)
         b021, b014 = dict(settings["bbbc021"]), dict(settings["bbbc014"])
-        standin.write_bbbc021(out, shape=tuple(b021.pop("shape")), **b021)
+        if b021.pop("plate_map", "generated") == "broad":
+            from moaflow.devtools.rehearsal import write_study_standin
+
+            write_study_standin(out, b021.pop("reference"), shape=tuple(b021.pop("shape")), **b021)
+        else:
+            standin.write_bbbc021(out, shape=tuple(b021.pop("shape")), **b021)
         standin.write_bbbc014(out, shape=tuple(b014.pop("shape")), **b014)
+        layer = {}
+        if wanted["weights"]:
+            from moaflow.learn import architectures
+
+            files = {name: architectures.get(name).weights.file for name in architectures.downloaded()}
+            layer["weights"] = {"published_files": {
+                file: {"md5": digest} for file, digest in standin.write_weights(out, files).items()}}
+        (out / "standin.yaml").write_text(yaml.safe_dump(layer))
         stamp.write_text(json.dumps(wanted))
     return out
 
