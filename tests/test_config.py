@@ -1,6 +1,7 @@
 """The config: validated once (moaflow.config) against the packaged schema and the registries."""
 
 import copy
+from importlib import resources
 
 import pandas as pd
 import pytest
@@ -131,3 +132,63 @@ def test_a_partial_dataset_section_keeps_the_datasets_own_defaults():
     config = moaflow_config.validate(_layered("demo.yaml"))
     assert config["training"]["bbbc014"]["preset"] == "bbbc014" and config["training"]["bbbc014"]["input_size"] == 256
     assert config["training"]["bbbc021"]["preset"] == "final"
+
+
+def _unbounded_settings(node, path="") -> list[str]:
+    """Every numeric setting without a minimum and a maximum, and every list without minItems and maxItems,
+    that does not say why (``x-unbounded``), in a schema."""
+    found = []
+    if isinstance(node, dict):
+        types = node.get("type") if isinstance(node.get("type"), list) else [node.get("type")]
+        if "x-unbounded" not in node and "enum" not in node:
+            if {"number", "integer"} & set(types) and not (
+                    {"minimum", "exclusiveMinimum"} & set(node) and {"maximum", "exclusiveMaximum"} & set(node)):
+                found.append(f"{path}: a number without a range")
+            if "array" in types and not {"minItems", "maxItems"} <= set(node):
+                found.append(f"{path}: a list without minItems and maxItems")
+        for key, value in node.items():
+            if key in ("properties", "$defs", "patternProperties"):
+                found += [f for name, sub in value.items() for f in _unbounded_settings(sub, f"{path}.{name}")]
+            elif key in ("items", "additionalProperties", "if", "then", "else", "not"):
+                found += _unbounded_settings(value, f"{path}[{key}]")
+            elif key in ("allOf", "anyOf", "oneOf"):
+                found += [f for i, sub in enumerate(value) for f in _unbounded_settings(sub, f"{path}<{key} {i}>")]
+    return found
+
+
+@pytest.mark.parametrize("schema", ["config.schema.yaml", "hyperparameters.schema.yaml"])
+def test_every_numeric_and_list_setting_has_a_range_or_says_why_not(schema):
+    text = (resources.files("moaflow") / "data" / schema).read_text()
+    assert _unbounded_settings(yaml.safe_load(text)) == []
+
+
+def test_the_schema_walk_finds_an_unbounded_setting():
+    assert _unbounded_settings({"properties": {"a": {"type": "number", "minimum": 0},
+                                               "b": {"type": "array", "minItems": 1}}}) == [
+        ".a: a number without a range", ".b: a list without minItems and maxItems"]
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    (("preprocess", "bbbc021", "empty_threshold"), -5),
+    (("datasets",), []),
+    (("training", "architectures"), []),
+    (("preprocess", "bbbc021", "input_sizes"), list(range(8, 40))),
+])
+def test_an_out_of_range_setting_is_refused_naming_its_key(key, value):
+    config = _layered("config.yaml")
+    node = config
+    for part in key[:-1]:
+        node = node.setdefault(part, {})
+    node[key[-1]] = value
+    with pytest.raises(WorkflowError, match=key[-1]):
+        moaflow_config.validate(config)
+
+
+def test_metadata_without_a_published_checksum_is_listed_as_unchecked():
+    config = _layered("config.yaml")
+    moaflow_config.validate(config)
+    assert moaflow_config.unchecked_metadata(config) == []
+    config["bbbc021"]["published_files"]["BBBC021_v1_image.csv"] = None
+    assert moaflow_config.unchecked_metadata(config) == ["BBBC021_v1_image.csv"]
+    config["datasets"] = ["bbbc014"]
+    assert moaflow_config.unchecked_metadata(config) == []

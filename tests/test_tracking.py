@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from datetime import datetime
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -26,10 +27,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1, stopped by its own PID afterwards."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+def _start_server(root: Path) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on 127.0.0.1 in its own session (so it can be stopped by its own PID)."""
     port = _free_port()
     process = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                                 "--backend-store-uri", f"sqlite:///{root}/store.db", "--artifacts-destination",
@@ -42,19 +41,30 @@ def mlflow_server(tmp_path_factory):
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as response:
                 if response.status == 200:
-                    break
+                    return process, url
         except OSError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
-    yield url
+
+
+def _stop_server(process: subprocess.Popen) -> None:
     os.killpg(process.pid, signal.SIGTERM)   # its own session: the server and its workers, nothing else
     try:
         process.wait(timeout=15)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1, stopped by its own PID afterwards."""
+    process, url = _start_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield url
+    _stop_server(process)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +133,35 @@ def test_a_training_job_logs_epochs_live_to_a_tracking_server(mlflow_server, sma
     assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == runs["parent_run_id"]
     assert len(client.get_metric_history(run_id, "loss")) == 8
     assert client.get_run(runs["parent_run_id"]).info.status == "FINISHED"
+
+
+def test_a_tracking_server_that_goes_away_mid_run_is_a_warning_not_a_failed_job(small_store, tmp_path):
+    """The server is stopped once the first epoch shows: the job finishes its fold, warns, and leaves the
+    fold for the end-of-run writer."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path / "server"
+    root.mkdir()
+    server, url = _start_server(root)
+    try:
+        env = dict(os.environ, MLFLOW_TRACKING_URI=url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+                   MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+        process, fold_dir = _train(small_store, tmp_path, 6, env)
+        client, deadline = MlflowClient(url), time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            experiment = client.get_experiment_by_name("live-test")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
+                break
+            time.sleep(0.2)
+    finally:
+        _stop_server(server)
+    assert process.poll() is None, "the job ended before the server was stopped: nothing was tested"
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert "WARNING: live MLflow logging failed" in err and "track_mlflow" in err
+    run = json.loads((fold_dir / "run.json").read_text())
+    assert len(pd.read_csv(fold_dir / "history.tsv", sep="\t")) == 6 and run["test_accuracy"] is not None
 
 
 def test_the_end_writer_gives_runs_their_real_times_and_data(small_store, tmp_path):

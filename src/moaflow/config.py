@@ -33,7 +33,7 @@ RENAMED = {
 def registries() -> dict[str, list[str]]:
     """Registry name (as ``x-registry`` names it in the schema) -> the registered names."""
     from moaflow.analysis.profiling import FEATURE_NORMALISATIONS
-    from moaflow.learn.architectures import REGISTRY
+    from moaflow.learn.architectures import REGISTRY, TRANSFERS
     from moaflow.learn.inputs import CHANNEL_ORDERS, INPUT_SCALINGS, PRETRAINED
     from moaflow.learn.presets import PRESETS
     from moaflow.learn.selection import RULES
@@ -42,7 +42,7 @@ def registries() -> dict[str, list[str]]:
     return {"architectures": list(REGISTRY), "presets": list(PRESETS),
             "intensity_normalisations": list(NORMALISATIONS), "feature_normalisations": list(FEATURE_NORMALISATIONS),
             "channel_orders": list(CHANNEL_ORDERS), "input_scalings": [*INPUT_SCALINGS, PRETRAINED],
-            "model_selections": list(RULES)}
+            "model_selections": list(RULES), "transfers": list(TRANSFERS)}
 
 
 def schema_path() -> str:
@@ -143,6 +143,27 @@ def trained_architectures(config: dict, dataset: str) -> list[str]:
     return config["training"][dataset].get("architectures") or config["training"]["architectures"]
 
 
+def networks(config: dict, dataset: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """The (architecture, initialisation) pairs trained on a dataset, and those left out.
+
+    Each architecture trains from every initialisation, or from those its ``per_architecture`` entry names;
+    an ``imagenet`` initialisation only where the architecture has ImageNet weights (the others are returned
+    as left out, ``architecture/init``, for the log).
+    """
+    from moaflow.learn.architectures import pretrained
+
+    weights = {i["name"]: i["weights"] for i in config["training"]["initialisations"]}
+    special = config["training"][dataset]["per_architecture"]
+    pairs, left_out = [], []
+    for architecture in trained_architectures(config, dataset):
+        for init in special.get(architecture, {}).get("initialisations") or weights:
+            if weights[init] == "imagenet" and architecture not in pretrained():
+                left_out.append(f"{architecture}/{init}")
+            else:
+                pairs.append((architecture, init))
+    return pairs, left_out
+
+
 def input_size(config: dict, dataset: str, architecture: str) -> int:
     """The architecture's input side for a dataset: ``training.<dataset>.input_sizes.<architecture>``, else
     ``training.<dataset>.input_size``, else the architecture registry's."""
@@ -158,6 +179,16 @@ def normalises_to_controls(config: dict) -> bool:
 
     profiling = config["profiling"]
     return profiling["enabled"] and FEATURE_NORMALISATIONS[profiling["feature_normalisation"]].needs_controls
+
+
+def unchecked_metadata(config: dict) -> list[str]:
+    """The BBBC021 metadata files this run fetches without a published size and checksum to hold them to
+    (``bbbc021.published_files``): a file cut short or altered would then pass as long as it parses, so the
+    run says so at its start and in its report."""
+    if "bbbc021" not in config["datasets"]:
+        return []
+    section = config["bbbc021"]
+    return [section[key] for key in ("image_csv", "moa_csv") if not section["published_files"].get(section[key])]
 
 
 def check(config: dict) -> None:
@@ -188,7 +219,13 @@ def check(config: dict) -> None:
                     f"profiling.feature_normalisation: {config['profiling']['feature_normalisation']!r} normalises "
                     f"profiles to each plate's DMSO crops, and the crops dataset {name!r} has none; set it to a "
                     "normalisation without controls (none or standardize) for this run")
+    initialisations = {i["name"] for i in config["training"]["initialisations"]}
     for name in config["datasets"]:
+        for architecture, special in config["training"][name]["per_architecture"].items():
+            unknown = sorted(set(special.get("initialisations", [])) - initialisations)
+            if unknown:
+                raise ValueError(f"training.{name}.per_architecture.{architecture}.initialisations: {unknown} are not "
+                                 f"among training.initialisations {sorted(initialisations)}")
         available = config["preprocess"][name]["input_sizes"]
         for architecture in trained_architectures(config, name):
             size = input_size(config, name, architecture)

@@ -128,6 +128,42 @@ def test_several_seeds_give_a_seed_variation_row(tmp_path):
     assert sorted(variation.query("level == 'treatment'")["accuracy_percent"]) == [50.0, 100.0]
 
 
+def _write_fold(tmp_path, dataset, architecture, fold, crops):
+    """A trained fold's files as evaluation reads them (hand-made test predictions)."""
+    base = Path(layout.fold_dir(dataset, architecture, "random", 0, fold, root=tmp_path))
+    base.mkdir(parents=True)
+    crops.assign(crop_id=range(len(crops))).to_parquet(base / "test_predictions.parquet")
+    crops.iloc[:0].to_parquet(base / "validation_predictions.parquet")
+    pd.DataFrame({"epoch": [1], "test_accuracy": [1.0]}).to_csv(base / "history.tsv", sep="\t", index=False)
+
+
+def test_the_ensemble_row_scores_the_mean_of_the_architectures_probabilities(tmp_path):
+    """Each network calls one of two treatments right (50 %); the mean of their probabilities calls both."""
+    p_a = {("one", "x"): 0.9, ("one", "y"): 0.6, ("two", "x"): 0.4, ("two", "y"): 0.1}   # x is A, y is B
+    for (net, fold), p in p_a.items():
+        true = "A" if fold == "x" else "B"
+        _write_fold(tmp_path, "lab", net, fold, _crops([(fold, 1.0, r, r, true, p, 1 - p) for r in (1, 2, 3)]))
+    evaluation = evaluate.evaluate_runs("lab", pd.DataFrame({"fold": ["x", "y"]}), [("one", "random"),
+                                        ("two", "random")], seeds=[0], significance_levels=[0.1], root=tmp_path)
+    scores = pd.DataFrame(evaluation.scores).query("level == 'treatment'").set_index("architecture")
+    assert scores.loc[["one", "two"], "accuracy_percent"].tolist() == [50.0, 50.0]
+    assert scores.loc["ensemble", "accuracy_percent"] == 100.0 and scores.loc["ensemble", "init"] == "random"
+
+
+def test_bbbc014_calls_a_well_by_the_mean_probability_of_its_crops(tmp_path):
+    """Well 1 (positive): crops 0.9, 0.4, 0.4, mean 0.57, called positive although most crops say negative.
+    Well 2 (positive): crops 0.45 each, called negative. Well 3 (negative): 0.2 each. Two of three right."""
+    p = {"w1": [0.9, 0.4, 0.4], "w2": [0.45] * 3, "w3": [0.2] * 3}
+    crops = pd.DataFrame([{"cell_line": "A549", "well": well, "label": int(well != "w3"), "p_positive": q,
+                           "p_negative": 1 - q} for well, qs in p.items() for q in qs])
+    _write_fold(tmp_path, "bbbc014", "net", "A549", crops)
+    headline = evaluate.evaluate_bbbc014(pd.DataFrame({"fold": ["A549"]}), [("net", "random")], tmp_path / "out",
+                                         seeds=[0], root=tmp_path)
+    assert headline["well_accuracy_percent"] == {"net/random/seed-0/A549": pytest.approx(200 / 3)}
+    table = pd.read_csv(tmp_path / "out" / "well_accuracy.csv")
+    assert table["wells"].tolist() == [3]
+
+
 # ----------------------------------------------------------------- published predictions
 
 PUBLISHED = Path(str(resources.files("moaflow") / "data" / "kensert2019_predictions.csv"))
@@ -209,6 +245,18 @@ def test_cross_conformal_coverage_holds_for_new_compounds(level):
         tolerance = 3 * np.sqrt(row.significance * (1 - row.significance) / 240) + 0.02
         assert abs(row.coverage - (1 - row.significance)) <= tolerance, row
         assert row.level == level
+
+
+def test_a_compound_is_never_calibrated_on_its_own_scores():
+    """Eleven class-A compounds, one crop each: ten scored p(A) = 0.9, one unlike them all (p(A) = 0.05).
+    Calibrated on the other ten, the odd compound's p-value for A is 1/11 <= 0.1, so A is left out of its set
+    (coverage 10/11). A leaky calibration that includes the compound's own score gives it 2/12 and covers it."""
+    rows = [(f"a{c}", 1.0, 1, f"a{c}", "A", 0.05 if c == 0 else 0.9, 0.95 if c == 0 else 0.1) for c in range(11)]
+    rows += [(f"b{c}", 1.0, 1, f"b{c}", "B", 0.1, 0.9) for c in range(11)]
+    frame = pd.DataFrame(rows, columns=["compound", "concentration", "replicate", "crop_id", "true", "p_A", "p_B"])
+    table = conformal.cross_conformal(frame.assign(fold=frame["compound"]), [0.1], "crop").set_index("class")
+    assert table.loc["A", "coverage"] == pytest.approx(10 / 11)
+    assert table.loc["B", "coverage"] == 1.0
 
 
 def test_empty_histories_do_not_break_the_learning_curves(tmp_path):

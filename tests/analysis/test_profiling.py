@@ -10,7 +10,7 @@ from moaflow import layout
 from moaflow.analysis import profiling
 from moaflow.learn import folds
 
-from tests.conftest import JOB, build_crop_store, flags
+from tests.conftest import DEFAULTS, JOB, build_crop_store, flags
 
 
 def _profiles(rows):
@@ -112,6 +112,8 @@ def test_every_query_is_embedded_by_the_fold_that_held_it_out(tmp_path):
         for k, plate in enumerate(statistics[fold]["plates"]):
             assert np.allclose(statistics[fold]["means"][k], features[(dmso_index["plate"] == plate).to_numpy()].mean(0),
                                atol=1e-4)
+        assert np.allclose(statistics[fold]["covariance"], _pooled_within_plate_covariance(
+            features, dmso_index["plate"].to_numpy()), rtol=1e-3, atol=1e-5)
     assert not np.allclose(statistics[names[0]]["means"], statistics[names[1]]["means"])   # two models, two spaces
 
 
@@ -170,6 +172,35 @@ def test_sphered_controls_have_the_identity_covariance():
     assert np.allclose(sphered.T @ sphered / (500 - 2), np.eye(6), atol=1e-8)   # the plates' offsets gone too
     with pytest.raises(ValueError, match="sphering_regularisation"):
         profiling.sphering_matrix(np.diag([1.0, 0.0]), 0)
+
+
+def _pooled_within_plate_covariance(features, plates):
+    """Independently: each plate's sample covariance (numpy), weighted by its degrees of freedom."""
+    names = sorted(set(plates))
+    scatter = sum((np.sum(plates == p) - 1) * np.cov(features[plates == p].T.astype(np.float64)) for p in names)
+    return scatter / (len(features) - len(names))
+
+
+def test_sphering_at_the_default_regularisation_equals_an_independent_whitening():
+    """moaflow's dmso_sphere at the configured regularisation (0.01 of the mean eigenvalue) against
+    scipy's inverse square root of the regularised pooled within-plate covariance."""
+    from scipy.linalg import fractional_matrix_power
+
+    regularisation = DEFAULTS["profiling"]["sphering_regularisation"]
+    assert regularisation == 0.01
+    rng = np.random.default_rng(7)
+    dmso = rng.normal(size=(300, 5)) @ rng.normal(size=(5, 5)) + np.repeat([[0.0] * 5, [2.0] * 5], 150, axis=0)
+    plates = np.array(["p1"] * 150 + ["p2"] * 150)
+    statistics = profiling.control_statistics(dmso, plates)
+    covariance = _pooled_within_plate_covariance(dmso, plates)
+    assert np.allclose(statistics["covariance"], covariance)
+    whitening = fractional_matrix_power(covariance + regularisation * np.trace(covariance) / 5 * np.eye(5), -0.5)
+    queries = rng.normal(size=(20, 5)) + 2.0
+    query_plates = np.array(["p1", "p2"] * 10)
+    means = {p: dmso[plates == p].mean(0) for p in ("p1", "p2")}
+    expected = (queries - np.stack([means[p] for p in query_plates])) @ whitening
+    assert np.allclose(profiling.sphere_to_controls(queries, query_plates, statistics, regularisation),
+                       expected.real, atol=1e-8)
 
 
 def test_a_plate_without_dmso_crops_is_named():

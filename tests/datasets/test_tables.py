@@ -164,3 +164,54 @@ def test_crops_table_errors_name_the_problem(tmp_path):
     with pytest.raises(MetadataError, match=r"missing \['moa'\]"):
         crops_table(tmp_path / "images", tmp_path / "meta.csv", columns={k: v for k, v in columns.items()
                                                                          if k != "moa"}, filename="x.png")
+
+
+def _real_plates(*plates):
+    frame = pd.read_csv(IMAGE_CSV)
+    return frame[frame["Image_Metadata_Plate_DAPI"].isin(plates)]
+
+
+TWO_PLATES = ("Week1_22123", "Week1_22141")
+
+
+def test_a_csv_cut_at_a_row_boundary_inside_a_well_is_refused(tmp_path):
+    """Before: a CSV cut short by a server without Content-Length built a table, a plate then normalised on
+    part of its DMSO fields. After: the short well is named."""
+    frame = _real_plates(*TWO_PLATES)
+    frame.iloc[:-2].to_csv(tmp_path / "image.csv", index=False)
+    with pytest.raises(MetadataError, match=r"fewer fields than the 4 sites.*cut short"):
+        bbbc021_image_table(tmp_path / "image.csv", MOA_CSV, "x", taxol_rule=True)
+
+
+def test_a_plate_missing_dmso_wells_is_refused(tmp_path):
+    frame = _real_plates(*TWO_PLATES)
+    dmso = frame.index[(frame["Image_Metadata_Plate_DAPI"] == TWO_PLATES[1])
+                       & (frame["Image_Metadata_Compound"] == "DMSO")]
+    frame.drop(dmso[:8]).to_csv(tmp_path / "image.csv", index=False)    # two whole DMSO wells gone
+    with pytest.raises(MetadataError, match=rf"{TWO_PLATES[1]}': 16.*fewer DMSO fields than the 24"):
+        bbbc021_image_table(tmp_path / "image.csv", MOA_CSV, "x", taxol_rule=True)
+
+
+def test_a_field_without_a_channel_file_name_is_refused(tmp_path):
+    frame = _real_plates(*TWO_PLATES)
+    frame.loc[frame.index[5], "Image_FileName_Actin"] = None
+    frame.to_csv(tmp_path / "image.csv", index=False)
+    with pytest.raises(MetadataError, match=r"1 field\(s\) have no Actin file name"):
+        bbbc021_image_table(tmp_path / "image.csv", MOA_CSV, "x", taxol_rule=True)
+
+
+@pytest.mark.parametrize(("column", "value"), [("Image_PathName_DAPI", "Week2/.."),
+                                                ("Image_FileName_Tubulin", "../../etc/passwd")])
+def test_a_metadata_path_outside_the_image_folder_is_refused_when_the_table_is_built(tmp_path, column, value):
+    """Before: `Week2/..` was accepted and failed only at preprocessing. After: refused, naming the path."""
+    frame = _real_plates(*TWO_PLATES)
+    frame.loc[frame.index[frame["Image_Metadata_Compound"] == "DMSO"][0], column] = value
+    frame.to_csv(tmp_path / "image.csv", index=False)
+    with pytest.raises(MetadataError, match=r"outside the image folder"):
+        bbbc021_image_table(tmp_path / "image.csv", MOA_CSV, tmp_path / "images", taxol_rule=True)
+
+
+def test_two_real_plates_pass_the_completeness_checks(tmp_path):
+    _real_plates(*TWO_PLATES).to_csv(tmp_path / "image.csv", index=False)
+    table = bbbc021_image_table(tmp_path / "image.csv", MOA_CSV, "x", taxol_rule=True)
+    assert table.groupby("plate")["is_dmso"].sum().to_dict() == {p: 24 for p in TWO_PLATES}

@@ -1,6 +1,7 @@
 """Model construction: the lab CNN, in-model preprocessing and augmentation, weights from a file."""
 
 import numpy as np
+from keras import ops
 import pytest
 
 from moaflow.devtools import standin
@@ -92,15 +93,21 @@ def test_augmentation_runs_in_float32_under_mixed_precision():
 
 
 def test_blur_borders_reflect_like_opencv():
-    """cv2.blur's default border is reflect-101: a flat image stays flat at its edges (zero padding darkens)."""
+    """moaflow's blur equals cv2.blur (the original's call), whose default border is reflect-101."""
     import cv2
 
-    image = np.random.default_rng(2).uniform(0, 255, (1, 6, 6, 1)).astype(np.float32)
-    padded = np.pad(image, [(0, 0), (1, 1), (1, 1), (0, 0)], mode="reflect")
-    from keras import ops
+    image = np.random.default_rng(2).uniform(0, 255, (1, 6, 7, 3)).astype(np.float32)
+    ours = np.asarray(models.box_blur(ops.convert_to_tensor(image)))
+    assert np.allclose(ours[0], cv2.blur(image[0], (3, 3)), atol=1e-4)
 
-    ours = np.asarray(ops.depthwise_conv(padded, np.ones((3, 3, 1, 1), np.float32) / 9, 1, "valid"))
-    assert np.allclose(ours[0, ..., 0], cv2.blur(image[0, ..., 0], (3, 3)), atol=1e-4)
+
+def test_the_augmentation_keeps_a_flat_image_flat_up_to_its_edges():
+    """Flips, transposes, the per-channel jitter and a reflect-101 blur leave a flat image flat; a zero-padded
+    blur (half the images are blurred) would darken its borders."""
+    flat = np.full((32, 9, 9, 3), 100.0, "float32")
+    out = np.asarray(models.StudyAugmentation(seed=3, noise_variance=0.0)(flat, training=True))
+    assert np.allclose(out, out[:, :1, :1, :], atol=1e-3)          # each image and channel one value
+    assert set(np.round(np.unique(out[:, 0, 0, :]), 3)) <= {75.0, 100.0, 125.0}
 
 
 def test_augmentation_preserves_the_dihedral_content():

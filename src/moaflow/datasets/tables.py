@@ -62,19 +62,12 @@ def _concentration_key(values: pd.Series) -> pd.Series:
     return np.round(values.astype(float), 6)
 
 
-def plate_file_names(image_csv: str | os.PathLike, plate: str) -> list[str]:
-    """All TIFF names of one plate (three per field) from the image CSV.
-
-    Raises
-    ------
-    MetadataError
-        When the plate has no rows in ``image_csv``.
-    """
-    frame = _read_csv(image_csv, BBBC021_REQUIRED_COLUMNS)
-    rows = frame[frame["Image_Metadata_Plate_DAPI"] == plate]
-    if rows.empty:
-        raise MetadataError(f"{image_csv}: no fields for plate {plate!r}")
-    return sorted(pd.concat([rows[f"Image_FileName_{c}"] for c in BBBC021_CHANNELS]).tolist())
+def study_file_names(image_csv: str | os.PathLike, moa_csv: str | os.PathLike, plate: str, *,
+                     taxol_rule: bool) -> set[str]:
+    """The TIFF names of one plate that the study reads: its fields with an MoA (after the taxol rule) and its
+    DMSO fields, three channels each (what extraction writes; the plate's other fields stay in its archive)."""
+    table = bbbc021_image_table(image_csv, moa_csv, ".", plates=[plate], taxol_rule=taxol_rule, log=lambda _: None)
+    return {Path(path).name for channel in BBBC021_CHANNELS for path in table[f"path_{channel.lower()}"]}
 
 
 def bbbc021_image_table(
@@ -115,6 +108,8 @@ def bbbc021_image_table(
     compounds, 103 treatments and 12 MoAs, plus 1,320 DMSO fields.
     """
     images = _read_csv(image_csv, BBBC021_REQUIRED_COLUMNS)
+    # The field's number is its row in the CSV: the Broad's ImageNumber restarts in each of its ten tables.
+    images = images.assign(_row=np.arange(len(images)))
     moa = _read_csv(moa_csv, MOA_REQUIRED_COLUMNS)
     if plates is not None:
         unknown = sorted(set(plates) - set(images["Image_Metadata_Plate_DAPI"]))
@@ -130,10 +125,44 @@ def bbbc021_image_table(
         raise MetadataError(f"{image_csv}: file name {bad!r} has no site (expected '..._s<N>_w<N>...')")
     _duplicates(images.assign(site=sites), ["Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI", "site"],
                 image_csv, "plate, well and site")
+    _check_complete(images.assign(site=sites), image_csv)
     merged = images.merge(moa, how="left", left_on=["Image_Metadata_Compound", "_conc"],
                           right_on=["compound", "_conc"], validate="many_to_one")
     merged = merged[_study_selection(merged, image_csv, moa_csv, taxol_rule, log)]
-    return _field_table(merged, image_root)
+    return _field_table(merged, image_root, image_csv)
+
+
+def _check_complete(images: pd.DataFrame, image_csv) -> None:
+    """Stop a table that is visibly incomplete (a CSV cut short, by a server or a disk): a field without a file
+    name for every channel, a plate without DMSO fields, a well with fewer sites than the table's wells have,
+    or a plate with fewer DMSO fields than the table's plates have (the Broad's: 4 sites per well, 24 DMSO
+    fields per plate)."""
+    hint = ("; the file looks cut short (check its download: bbbc021.published_files holds the published size "
+            "and SHA-256 that would have refused it)")
+    for channel in BBBC021_CHANNELS:
+        names = images[f"Image_FileName_{channel}"]
+        blank = names.isna() | names.astype(str).str.strip().eq("")
+        if blank.any():
+            row = images.loc[blank].iloc[0]
+            raise MetadataError(f"{image_csv}: {int(blank.sum())} field(s) have no {channel} file name, e.g. plate "
+                                f"{row['Image_Metadata_Plate_DAPI']} well {row['Image_Metadata_Well_DAPI']}{hint}")
+    plate, well = images["Image_Metadata_Plate_DAPI"], images["Image_Metadata_Well_DAPI"]
+    dmso = images["Image_Metadata_Compound"].eq("DMSO").groupby(plate).sum()
+    if (dmso == 0).any():
+        raise MetadataError(f"{image_csv}: plate(s) {sorted(dmso.index[dmso == 0])} have no DMSO fields; every "
+                            f"BBBC021 plate has its DMSO wells (profiles are normalised to them){hint}")
+    sites = images.groupby([plate, well]).size()
+    usual = int(sites.mode().max())
+    short = sites[sites < usual]
+    if len(short):
+        (p, w), n = next(iter(short.items())), int(short.iloc[0])
+        raise MetadataError(f"{image_csv}: {len(short)} well(s) have fewer fields than the {usual} sites the "
+                            f"table's other wells have, e.g. plate {p} well {w} with {n}{hint}")
+    usual = int(dmso.mode().max())
+    short = dmso[dmso < usual]
+    if len(short):
+        raise MetadataError(f"{image_csv}: plate(s) { {k: int(v) for k, v in short.items()} } have fewer DMSO fields than the "
+                            f"{usual} the table's other plates have{hint}")
 
 
 def _study_selection(merged: pd.DataFrame, image_csv, moa_csv, taxol_rule: bool, log) -> pd.Series:
@@ -160,7 +189,19 @@ def _study_selection(merged: pd.DataFrame, image_csv, moa_csv, taxol_rule: bool,
     return keep
 
 
-def _field_table(merged: pd.DataFrame, image_root) -> pd.DataFrame:
+def _inside_root(paths: list[str], root: Path, image_csv) -> None:
+    """Every channel path must resolve inside the image root: a folder or file name of the metadata such as
+    ``Week2/..`` would otherwise read (or be extracted to) files elsewhere."""
+    base = os.path.normpath(os.path.abspath(root))
+    for path in paths:
+        resolved = os.path.normpath(os.path.abspath(path))
+        if os.path.commonpath([base, resolved]) != base or resolved == base:
+            raise MetadataError(f"{image_csv}: a field's path {path!r} (Image_PathName_* and Image_FileName_*) "
+                                f"resolves to {resolved}, outside the image folder {base}; expected "
+                                "'<Week>/<Plate>' folders and plain file names")
+
+
+def _field_table(merged: pd.DataFrame, image_root, image_csv) -> pd.DataFrame:
     """The kept fields as the table's columns, channel paths under ``image_root/<Plate>/``."""
     is_dmso = merged["Image_Metadata_Compound"].eq("DMSO")
     plate = merged["Image_Metadata_Plate_DAPI"]
@@ -177,12 +218,13 @@ def _field_table(merged: pd.DataFrame, image_root) -> pd.DataFrame:
         "concentration": merged["_conc"].to_numpy(),
         "moa": merged["moa"].where(~is_dmso, "DMSO").to_numpy(),
         "is_dmso": is_dmso.to_numpy(),
-        "image_number": merged["ImageNumber"].to_numpy() if "ImageNumber" in merged else np.arange(len(merged)),
+        "image_number": merged["_row"].to_numpy(),
     })
     table["treatment"] = table["compound"] + "_" + table["concentration"].map("{:g}".format)
     for channel in BBBC021_CHANNELS:
         table[f"path_{channel.lower()}"] = [
             str(root / f / n) for f, n in zip(folder, merged[f"Image_FileName_{channel}"])]
+        _inside_root(table[f"path_{channel.lower()}"], root, image_csv)
     return table.sort_values(["plate", "well", "site"], kind="stable").reset_index(drop=True)
 
 

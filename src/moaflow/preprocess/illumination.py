@@ -120,19 +120,18 @@ def plot_functions(functions: dict[str, np.ndarray], path: str | os.PathLike, ti
     save_figure(fig, path, dpi=80)
 
 
-def plate_illumination(image_csv: str | os.PathLike, plate_images: str | os.PathLike, plate: str,
-                       functions: list[str], figure: str | os.PathLike, *, filter_size: float, downscale: int,
-                       robust_percentile: float, log=stderr) -> dict[str, np.ndarray]:
-    """Illumination functions of every channel of one plate, from all its fields (CellProfiler's "All").
+def plate_illumination(table: str | os.PathLike, plate: str, functions: list[str], figure: str | os.PathLike, *,
+                       filter_size: float, downscale: int, robust_percentile: float,
+                       log=stderr) -> dict[str, np.ndarray]:
+    """Illumination functions of every channel of one plate, from all the fields of it the study reads
+    (CellProfiler's "All" mode over them: the annotated fields and the DMSO ones; extraction writes no other).
 
     Parameters
     ----------
-    image_csv : path
-        The Broad's image CSV (which fields the plate has).
-    plate_images : path
-        The plate's extracted TIFFs.
+    table : path
+        The BBBC021 field table (its channel paths).
     plate : str
-        The plate's name in the CSV.
+        The plate.
     functions : list of path
         Where each channel's function goes (``.npy``), in `moaflow.study.BBBC021_CHANNELS` order.
     figure : path
@@ -142,17 +141,16 @@ def plate_illumination(image_csv: str | os.PathLike, plate_images: str | os.Path
     """
     if len(functions) != len(BBBC021_CHANNELS):
         raise ValueError(f"functions: {len(functions)} paths, expected one per channel {BBBC021_CHANNELS}")
-    frame = pd.read_csv(image_csv, low_memory=False)
-    rows = frame[frame["Image_Metadata_Plate_DAPI"] == plate]
+    frame = pd.read_parquet(table)
+    rows = frame[frame["plate"] == plate]
     if rows.empty:
-        raise MetadataError(f"{image_csv}: no fields for plate {plate!r}")
+        raise MetadataError(f"{table}: no fields for plate {plate!r}")
     computed = {}
     for channel in BBBC021_CHANNELS:
-        paths = [Path(plate_images) / name for name in rows[f"Image_FileName_{channel}"]]
-        average = mean_image(paths, log=log, label=f"{plate} {channel}")
+        average = mean_image(rows[f"path_{channel.lower()}"], log=log, label=f"{plate} {channel}")
         computed[channel] = illumination_function(average, filter_size, downscale,
                                                   robust_percentile=robust_percentile)
     for path, function in zip(functions, computed.values()):
         write_array(function, path)
-    plot_functions(computed, figure, f"Illumination functions, {plate}")
+    plot_functions(computed, figure, f"Illumination functions, {plate} ({len(rows)} fields)")
     return computed

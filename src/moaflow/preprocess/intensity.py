@@ -151,7 +151,7 @@ def percentile_statistics(fields: list[np.ndarray], illumination: np.ndarray | N
 def percentile_normalise(field: np.ndarray, low: np.ndarray, high: np.ndarray, illumination: np.ndarray | None,
                          *, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Scale each channel linearly so the plate's DMSO percentiles map to 0 and 255, clipped."""
-    values = field.astype(np.float32)
+    values = field.astype(np.float64)   # in float32 a value at the high percentile truncates to 254
     if illumination is not None:
         values = values / illumination
     scaled = np.clip((values - low[:, None, None]) / (high - low)[:, None, None] * 255, 0, 255)

@@ -55,6 +55,8 @@ up() {
   memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048 ))
   ctld_port=$(free_port)
   d_port=$(free_port)
+  # MinJobAge=0: completed jobs stay listed until the private cluster is torn down (the test reads their
+  # states from squeue; the default 300 s forgot the first plates' jobs on a slow CI machine).
   cat > "$state/slurm.conf" <<CONF
 ClusterName=moaflowtest
 SlurmctldHost=${host}(127.0.0.1)
@@ -78,7 +80,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
 ReturnToService=2
-MinJobAge=600
+MinJobAge=0
 SchedulerType=sched/backfill
 NodeName=${host} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${memory} State=UNKNOWN
 PartitionName=local Nodes=${host} Default=YES MaxTime=INFINITE State=UP
