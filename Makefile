@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean-demo
+.PHONY: demo test bench lint rehearsal clean-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -rs
+
+rehearsal: $(STAMP)   # the study's plate map at full counts on a stand-in (README: Resources for the real study)
+	$(BIN)/moaflow rehearse
 
 bench: $(STAMP)
 	$(BIN)/moaflow bench-preprocess

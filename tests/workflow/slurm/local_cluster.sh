@@ -55,8 +55,9 @@ up() {
   memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048 ))
   ctld_port=$(free_port)
   d_port=$(free_port)
-  # MinJobAge=0: completed jobs stay listed until the private cluster is torn down (the test reads their
-  # states from squeue; the default 300 s forgot the first plates' jobs on a slow CI machine).
+  # MinJobAge=7200: completed jobs stay listed for the whole test (it reads their states from squeue; the
+  # default 300 s forgot the first plates' jobs on a slow CI machine, and 0, documented as "never purge",
+  # hid every finished job from squeue in slurm-wlm 22.05, so Snakemake waited for them forever).
   cat > "$state/slurm.conf" <<CONF
 ClusterName=moaflowtest
 SlurmctldHost=${host}(127.0.0.1)
@@ -80,7 +81,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
 ReturnToService=2
-MinJobAge=0
+MinJobAge=7200
 SchedulerType=sched/backfill
 NodeName=${host} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${memory} State=UNKNOWN
 PartitionName=local Nodes=${host} Default=YES MaxTime=INFINITE State=UP
