@@ -223,12 +223,12 @@ def test_gpu_rules_ask_sbatch_for_gpus_and_cpu_rules_do_not(slurm_run):
     for rule in ("train", "embed_controls"):
         settings["set-resources"][rule]["gpu_model"] = "a100"
     (profile / "config.yaml").write_text(yaml.safe_dump(settings))
-    # Two runs, each refused at submission: a forced training job, then a forced embed_controls job (its
-    # training is up to date) together with a CPU rule's job.
+    # Two runs, each refused at submission: a forced embed_controls job (its training up to date), then a
+    # forced CPU job (check_folds, which runs) and the training job after it (refused).
     train_job = str(next((workdir / "results" / "bbbc021" / "models").rglob("jobs/*.json")).relative_to(workdir))
-    later = [layout.control_statistics("bbbc021", "resnet50", "random", 0), layout.folds("bbbc021")]
     output = ""
-    for targets in ([train_job], later):
+    for targets in ([layout.control_statistics("bbbc021", "resnet50", "random", 0)],
+                    [layout.folds("bbbc021"), train_job]):
         result = snakemake(workdir, config, profile, cluster, *targets, "--forcerun", *targets, "--verbose",
                            "--retries", "0", "--keep-going")
         output += result.stdout + result.stderr
