@@ -142,11 +142,9 @@ class FrozenFeatures(Trainer):
     """
 
     def _prepare(self, steps_per_epoch: int, log) -> None:
-        import time as clock
-
-        started = clock.monotonic()
+        started = time.monotonic()
         self.cached = predict(self.features, self.store, np.arange(len(self.store)), self.hyper["batch_size"])
-        log(f"frozen body: features of {len(self.store):,} crops computed once ({clock.monotonic() - started:.0f} s); "
+        log(f"frozen body: features of {len(self.store):,} crops computed once ({time.monotonic() - started:.0f} s); "
             "the head trains on them")
         inputs = x = keras.Input((self.cached.shape[1],), name="features")
         for layer in head_layers(self.model):   # the whole model's own layers: training them trains it
