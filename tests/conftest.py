@@ -162,6 +162,19 @@ def run_snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -
     return result
 
 
+def small_training_store(out: Path, sizes: list[int], n_validation: int = 0) -> tuple[Path, Path, Path, pd.DataFrame]:
+    """The small stand-in the training tests share (2 MoAs, 4 compounds, 31 crops) as crop stores of ``sizes``,
+    with its leave-one-compound-out folds: (crops folder, index path, folds path, index)."""
+    from moaflow.learn import folds
+
+    crops, index_path = build_crop_store(
+        out, sizes, n_plates=2, sites=1, dmso_wells=2, moas=["Eg5 inhibitors", "DNA damage"], compounds_per_moa=2,
+        concentrations_per_compound=1, shape=(96, 120), magnification=2.0, seed=21)
+    index = pd.read_parquet(index_path)
+    folds.write_folds(folds.leave_one_compound_out(index, n_validation=n_validation), out / "folds.tsv")
+    return crops, index_path, out / "folds.tsv", index
+
+
 def build_crop_store(out: Path, sizes: list[int], controls: bool = False, **standin_settings) -> tuple[Path, Path]:
     """Stand-in -> extraction -> image table -> per-plate preprocessing -> gathered store.
 

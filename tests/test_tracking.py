@@ -18,7 +18,7 @@ from moaflow import tracking
 from moaflow.learn import folds
 from moaflow.learn.presets import hyperparameters
 
-from tests.conftest import BIN, JOB, build_crop_store, flags
+from tests.conftest import BIN, JOB, flags, small_training_store
 
 
 def _free_port() -> int:
@@ -69,12 +69,8 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tracking-store")
-    crops, index_path = build_crop_store(
-        out, [64], n_plates=2, sites=1, dmso_wells=2, moas=["Eg5 inhibitors", "DNA damage"],
-        compounds_per_moa=2, concentrations_per_compound=1, shape=(96, 120), magnification=2.0, seed=21)
-    folds.write_folds(folds.leave_one_compound_out(pd.read_parquet(index_path)), out / "folds.tsv")
-    return crops / "64.npy", index_path, out / "folds.tsv"
+    crops, index_path, folds_path, _ = small_training_store(tmp_path_factory.mktemp("tracking-store"), [64])
+    return crops / "64.npy", index_path, folds_path
 
 
 def _train(small_store, tmp_path, epochs, env):

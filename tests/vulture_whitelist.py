@@ -3,10 +3,10 @@
 # added by test_package itself. Keras' on_epoch_begin is ignored by name in test_package.
 from moaflow import config, layout, study, tracking
 from moaflow.devtools import serve
-from moaflow.learn import architectures, feeder, models
+from moaflow.learn import architectures, models
 
 _ = (models.StudyAugmentation.call, models.StudyAugmentation.compute_output_shape,
-     feeder.CropBatches.on_epoch_end, serve._Handler.log_request, serve._Handler.log_message,
+     serve._Handler.log_request, serve._Handler.log_message,
      serve._Handler.send_head, serve.StandinServer.daemon_threads, serve.StandinServer.allow_reuse_address)
 _ = (study.resolve_plates, tracking.start_parent, config.crops_datasets, config.moa_datasets,
      config.normalises_to_controls, architectures.paper_architectures, architectures.pretrained,

@@ -16,7 +16,7 @@ from moaflow.learn.architectures import REGISTRY
 from moaflow.learn.devices import DeviceError
 from moaflow.learn.presets import hyperparameters
 
-from tests.conftest import JOB, build_crop_store, flags, lab_table, needs_real_cells
+from tests.conftest import JOB, build_crop_store, flags, lab_table, needs_real_cells, small_training_store
 
 QUICK = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "run_eagerly": True}
 STORE_SIZES = [32, 64, 75]
@@ -24,13 +24,7 @@ STORE_SIZES = [32, 64, 75]
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train")
-    crops, index_path = build_crop_store(
-        out, STORE_SIZES, n_plates=2, sites=1, dmso_wells=2, moas=["Eg5 inhibitors", "DNA damage"],
-        compounds_per_moa=2, concentrations_per_compound=1, shape=(96, 120), magnification=2.0, seed=21)
-    index = pd.read_parquet(index_path)
-    folds.write_folds(folds.leave_one_compound_out(index, n_validation=1), out / "folds.tsv")
-    return crops, index_path, out / "folds.tsv", index
+    return small_training_store(tmp_path_factory.mktemp("train"), STORE_SIZES, n_validation=1)
 
 
 def _job(store, tmp_path, architecture, size, fold_names, hyper, **kwargs):
@@ -291,9 +285,10 @@ def test_held_out_compounds_are_classified_well_above_chance(tmp_path):
 @pytest.mark.slow
 def test_real_cells_held_out_compounds_are_classified_above_chance(tmp_path):
     """Real BBBC021 crops (the course lab's subset, 6 MoAs, chance 1/6): the lab CNN as config/lab_subset.yaml
-    trains it (augmentation, class weights, mean of the last 5 epochs), but at 64 px and 20 epochs, on three
-    compounds of three MoAs. Bar: mean held-out crop accuracy >= 0.40; measured 0.64, 0.76 and 0.67 with
-    seeds 0, 1 and 2 (folds from 0.51 to 0.89), in about 45 s on 2 cores."""
+    trains it (augmentation, class weights, mean of the last 5 epochs), but at 64 px and 12 epochs, on three
+    compounds of three MoAs, with seeds 0, 1 and 2. One seed is too noisy a bar (its three folds' mean ranged
+    from 0.35 to 0.82 over seeds, epochs and batch orders): the bar is the mean over the seeds, >= 0.45;
+    measured 0.82, 0.36 and 0.67 (mean 0.61; at 20 epochs 0.35, 0.55 and 0.76), about 80 s on 2 cores."""
     from moaflow.files import write_array, write_table
     from moaflow.preprocess.plates import preprocess_crops
 
@@ -303,14 +298,16 @@ def test_real_cells_held_out_compounds_are_classified_above_chance(tmp_path):
     folds.write_folds(folds.dataset_folds(index, variant="loco", validation_compounds=0, seed=0, fraction=0.25),
                       tmp_path / "folds.tsv")
     names = ["az-a", "az-c", "simvastatin"]
-    hyper = hyperparameters("lab", "lab_cnn", {"epochs": 20, "augmentation": True, "class_weights": True,
+    hyper = hyperparameters("lab", "lab_cnn", {"epochs": 12, "augmentation": True, "class_weights": True,
                                                      "model_selection": "mean_last", "selection_epochs": 5})
-    summary = train.train_job(tmp_path / "64.npy", tmp_path / "index.parquet", tmp_path / "folds.tsv", names,
-                              architecture="lab_cnn", weights=None, hyper=hyper, seed=0,
-                              models_dir=tmp_path / "models", checkpoints_dir=tmp_path / "ck", log=lambda _: None,
-                              **JOB)
-    accuracies = [summary["folds"][n]["test_accuracy"] for n in names]
-    assert np.mean(accuracies) >= 0.4, accuracies
+    accuracies = {}
+    for seed in (0, 1, 2):
+        summary = train.train_job(tmp_path / "64.npy", tmp_path / "index.parquet", tmp_path / "folds.tsv", names,
+                                  architecture="lab_cnn", weights=None, hyper=hyper, seed=seed,
+                                  models_dir=tmp_path / f"models-{seed}", checkpoints_dir=tmp_path / "ck",
+                                  log=lambda _: None, **JOB)
+        accuracies[seed] = float(np.mean([summary["folds"][n]["test_accuracy"] for n in names]))
+    assert np.mean(list(accuracies.values())) >= 0.45, accuracies
 
 
 def test_non_finite_predictions_stop_the_fold_by_name(store, tmp_path, monkeypatch):

@@ -133,6 +133,8 @@ rule train:
         allow_cpu=TRAIN["allow_cpu"],
         load_into_memory=TRAIN["load_into_memory"],
         checkpoint_minutes=TRAIN["checkpoint_minutes"],
+        pack_folds=TRAIN["pack_folds"],
+        compilation_cache=TRAIN["compilation_cache"],
         tracking={
             "uri": config["tracking"]["uri"],
             "experiment": config["tracking"]["experiment"],

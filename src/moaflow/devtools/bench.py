@@ -200,7 +200,7 @@ def bench_feeder(sizes=(224, 299), *, crops: int = 4788, batch_size: int = 128, 
 
 def bench_training(architectures: list[str], out: str = "results/bench/training", batch_size: int = 128,
                    precision: str = "mixed_bfloat16", epochs: int = 2, folds: int = 2,
-                   folds_per_job: int | None = None) -> list[dict]:
+                   folds_per_job: int | None = None, packs: list[int] | None = None, steps: int = 100) -> list[dict]:
     """Benchmark training: the train job against a bare ``model.fit``, and the study's GPU-hours from it.
 
     Per architecture (at its registry input size): the train rule's own code (`moaflow.learn.train.train_job`:
@@ -224,7 +224,15 @@ def bench_training(architectures: list[str], out: str = "results/bench/training"
         Folds per benchmark job.
     folds_per_job : int, optional
         For the study's estimate (default: the config's ``training.folds_per_job``).
+    packs : list of int, optional
+        The packed case instead (`bench_packing`): batch 8 single (a first and a second job), packed by
+        each of these K, and batch ``batch_size``, at ``precision`` (float32 for the paper's own setting).
+    steps : int
+        The packed case: batches per fold and epoch at most.
     """
+    if packs:
+        return bench_packing(architectures, out, packs=packs, precision=precision, epochs=epochs, steps=steps,
+                             large_batch=batch_size)
     import keras
     import numpy as np
 
@@ -267,6 +275,93 @@ def bench_training(architectures: list[str], out: str = "results/bench/training"
     estimate_study(rows, folds_per_job=folds_per_job or defaults()["training"]["folds_per_job"],
                    epochs=hyperparameters("final", architectures[0])["epochs"])
     return rows
+
+
+def _timed_job(out: Path, name: str, architecture: str, size: int, hyper: dict, n_folds: int, pack_folds: int,
+               cache: Path) -> dict:
+    """One train job (the rule's code) of ``n_folds`` synthetic folds: its throughput, epoch time and fixed cost.
+
+    Throughput is the job's: images of every fold trained in an epoch's time (K folds at once when packed),
+    from the epochs after the first (which compiles). The fixed cost is the job's wall time less its steady
+    epochs: start-up, compilation (or loading it from ``cache``), predictions after the last epoch, saving.
+    """
+    import numpy as np
+
+    from moaflow.learn import train
+
+    store, index_path, folds_path = synthetic_study(out, size)
+    names = list(pd.read_csv(folds_path, sep="\t")["fold"][:n_folds])
+    models = out / "models" / architecture / name
+    receipt = models / "job.json"
+    job = dict(architecture=architecture, weights=None, hyper=hyper, seed=0, models_dir=models,
+               checkpoints_dir=out / "checkpoints" / name, gpus=0, allow_cpu=True, load_into_memory=True,
+               checkpoint_minutes=1e9, pack_folds=pack_folds, compilation_cache=str(cache), receipt=receipt,
+               log=lambda line: print(line, flush=True))
+    # Each job in its own process, as on a cluster: it imports the framework and compiles (or loads from the
+    # cache) itself. Forked, so registry entries added by the caller are there; this process never imports
+    # the framework, which makes the fork safe.
+    child = multiprocessing.get_context("fork").Process(target=train.train_job,
+                                                        args=(store, index_path, folds_path, names), kwargs=job)
+    started = time.perf_counter()
+    child.start()
+    child.join()
+    wall = time.perf_counter() - started
+    if child.exitcode != 0:
+        raise RuntimeError(f"benchmark job {name} of {architecture} failed (exit status {child.exitcode})")
+    summary = json.loads(receipt.read_text())
+    histories = [pd.read_csv(models / n / "history.tsv", sep="\t") for n in names]
+    run = json.loads((models / names[0] / "run.json").read_text())
+    packed, epochs = run["packed_folds"], len(histories[0])
+    steady = [e for e in range(epochs) if e > 0] or [0]
+    # Folds trained together share an epoch's time: their rates add up; folds one after the other do not.
+    rate = float(np.median([packed * np.mean([h["images_per_second"].iloc[e] for h in histories]) for e in steady]))
+    images = n_folds * min(hyper["steps_per_epoch"], -(-run["n_train"] // hyper["batch_size"])) * hyper["batch_size"]
+    epoch_seconds = images / rate   # all the job's folds, one epoch
+    return {"job": name, "architecture": architecture, "input": size, "batch": hyper["batch_size"],
+            "packed_folds": packed, "precision": hyper["precision"], "images_per_s": rate,
+            "fixed_seconds": wall - epochs * epoch_seconds, "wall_seconds": wall,
+            "backend": summary["device"]["backend"], "compiled": summary["compilation_cache"]["compiled"],
+            "loaded": summary["compilation_cache"]["loaded"]}
+
+
+def bench_packing(architectures: list[str], out: str | Path, *, packs: list[int], precision: str = "float32",
+                  epochs: int = 2, steps: int = 100, large_batch: int = 128) -> list[dict]:
+    """The paper's batch 8 single, packed K at a time, and a large batch, per architecture, on one device.
+
+    Per architecture, at its registry input size, with a fresh compilation cache: batch 8 one fold at a
+    time, twice (the first job compiles, the second loads the programs: their fixed costs), then batch 8
+    with ``packs`` folds packed (each K its own job of K folds), then batch ``large_batch``; all at
+    ``precision``, ``epochs`` epochs of at most ``steps`` batches per fold. Packing needs the JAX backend:
+    elsewhere the packed rows say ``packed_folds`` 1. The table is printed and written to ``out/packing.csv``.
+    """
+    import shutil
+
+    from moaflow.learn import architectures as registry
+    from moaflow.learn.presets import hyperparameters
+
+    rows = []
+    for architecture in architectures:
+        size = registry.get(architecture).input_size
+        cache = Path(out) / "compilation-cache" / architecture
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(Path(out) / "models" / architecture, ignore_errors=True)
+
+        def hyper(batch):
+            return hyperparameters("final", architecture, {"epochs": epochs, "batch_size": batch,
+                                                           "precision": precision, "steps_per_epoch": steps})
+
+        jobs = [("batch-8 first job", 8, 2, 1), ("batch-8 second job", 8, 2, 1),
+                *[(f"batch-8 packed {k}", 8, k, k) for k in packs], (f"batch-{large_batch}", large_batch, 2, 1)]
+        for name, batch, n_folds, pack in jobs:
+            rows.append(_timed_job(Path(out), name, architecture, size, hyper(batch), n_folds, pack, cache))
+    frame = pd.DataFrame(rows)
+    frame["of_large_batch"] = frame["images_per_s"] / frame.groupby("architecture")["images_per_s"].transform("last")
+    frame.to_csv(Path(out) / "packing.csv", index=False)
+    print(f"Training throughput (the train job's own code, one process per job; images/s of the job; "
+          f"{Path(out) / 'packing.csv'}):")
+    print(frame.drop(columns=["wall_seconds"]).to_string(index=False, float_format=lambda v: f"{v:,.2f}"),
+          flush=True)
+    return frame.to_dict("records")
 
 
 def bare_fit_rate(architecture: str, size: int, n_train: int, batch_size: int, precision: str) -> float:

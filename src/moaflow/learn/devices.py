@@ -97,3 +97,55 @@ def check_devices(gpus: int, allow_cpu: bool, log: Callable[[str], None] = stder
                               f"{report['backend']} backend sees none ({shown}): {INSTALL_HINT}")
         log(f"WARNING: {gpus} GPU(s) asked for, none visible: training on the CPU (training.allow_cpu: true)")
     return report
+
+
+class CompilationCache:
+    """JAX's persistent compilation cache in ``folder``, shared by every job of a run, and its tally.
+
+    Every compiled program is written there (no minimum compile time), so the second job of an
+    architecture loads its programs instead of compiling them. A size cap is set on purpose: with one,
+    JAX takes a file lock around every read and write of the folder (without, a job could read another
+    job's half-written entry), which makes the folder safe for concurrent jobs on one file system.
+    Other backends have no such cache: the setting is then logged as not applied.
+
+    Parameters
+    ----------
+    folder : path, optional
+        ``training.compilation_cache`` (None: no persistent cache).
+    max_gb : float
+        The cap (least recently used programs are dropped beyond it).
+    log : callable
+    """
+
+    EVENTS = {"/jax/compilation_cache/cache_hits": "loaded", "/jax/compilation_cache/cache_misses": "compiled"}
+
+    def __init__(self, folder, max_gb: float = 20.0, log: Callable[[str], None] = stderr):
+        import keras
+
+        self.folder, self.counts = folder, {"loaded": 0, "compiled": 0}
+        if folder is None:
+            return
+        if keras.backend.backend() != "jax":
+            log(f"training.compilation_cache ({folder}): only the JAX backend keeps compiled programs; "
+                f"the {keras.backend.backend()} backend compiles in every job")
+            self.folder = None
+            return
+        import jax
+        from jax import monitoring
+
+        os.makedirs(folder, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", os.fspath(folder))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_compilation_cache_max_size", int(max_gb * 2**30))
+        monitoring.register_event_listener(self._event)
+
+    def _event(self, event: str, **_) -> None:
+        if event in self.EVENTS:
+            self.counts[self.EVENTS[event]] += 1
+
+    def summary(self, log: Callable[[str], None] = stderr) -> dict:
+        """``folder`` and how many programs were loaded from it and compiled anew (and stored), also logged."""
+        if self.folder is not None:
+            log(f"compilation cache {self.folder}: {self.counts['loaded']} program(s) loaded, "
+                f"{self.counts['compiled']} compiled and stored")
+        return {"folder": None if self.folder is None else os.fspath(self.folder), **self.counts}

@@ -69,7 +69,10 @@ class CropBatches(keras.utils.PyDataset):
     batch_size : int
     shuffle : bool
         Reshuffle every epoch; the order of epoch ``e`` depends only on ``(seed, e)``,
-        so a resumed run sees the same batches as an uninterrupted one.
+        so a resumed run sees the same batches as an uninterrupted one. The trainer
+        names the epoch (`set_epoch`, from its ``on_epoch_begin`` callback): Keras'
+        own ``on_epoch_end`` calls change nothing, because Keras 3.15 also makes one
+        when ``fit`` starts, which would shift every epoch's order by one.
     weights : ndarray, optional
         Per-row sample weights (the class weights).
     full_batches : bool
@@ -123,8 +126,6 @@ class CropBatches(keras.utils.PyDataset):
             return images, self.targets[positions]
         return images, self.targets[positions], self.weights[positions]
 
-    def on_epoch_end(self):
-        self.set_epoch(self.epoch + 1)
 
 
 def predict(model, store, rows, batch_size: int) -> np.ndarray:

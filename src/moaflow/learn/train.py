@@ -40,13 +40,13 @@ from moaflow.errors import MoaflowError
 from moaflow.files import atomic_path, write_array, write_json, write_table
 from moaflow.learn import folds as folds_module
 from moaflow.learn.checkpoints import FoldCheckpoint
-from moaflow.learn.devices import check_devices, prepare_environment
+from moaflow.learn.devices import CompilationCache, check_devices, prepare_environment
 from moaflow.learn.selection import ModelSelection
 from moaflow.logs import rate, stderr
 from moaflow.tracking import LiveRun, is_server, resolve_uri
 
 #: Part of every fold's fingerprint: bump when a fold's outputs change meaning.
-TRAINING_CODE_VERSION = 3
+TRAINING_CODE_VERSION = 4   # 4: epoch e's batch order is (seed, e), no longer (seed, e + 1)
 
 
 class TrainingError(MoaflowError):
@@ -137,6 +137,8 @@ def train_job(
     allow_cpu: bool,
     load_into_memory: str | bool,
     checkpoint_minutes: float,
+    pack_folds: int = 1,
+    compilation_cache: str | None = None,
     dataset: str = "",
     init: str = "",
     receipt: str | os.PathLike | None = None,
@@ -144,14 +146,12 @@ def train_job(
     occlusion: dict | None = None,
     log: Callable[[str], None] = stderr,
 ) -> dict:
-    """Train ``fold_names`` one after the other with one compiled model.
+    """Train ``fold_names`` with one compiled model, one after the other or packed (``pack_folds``).
 
     Parameters
     ----------
-    store, index : path
-        The crop store of the architecture's input size and its index.
-    folds : path
-        The folds file.
+    store, index, folds : path
+        The crop store of the architecture's input size, its index and the folds file.
     fold_names : list of str
         The folds (rows of ``folds``) this job trains.
     architecture, weights
@@ -160,29 +160,28 @@ def train_job(
         Resolved hyper-parameters (`moaflow.learn.presets.hyperparameters`).
     seed : int
         Seeds the initial weights, the batch order and the augmentation.
-    models_dir : path
-        Each fold's outputs go to ``models_dir/<fold>/``.
-    checkpoints_dir : path
-        Per-fold checkpoints (``checkpoints_dir/<fold>/``), removed once the fold is done.
+    models_dir, checkpoints_dir : path
+        Each fold's outputs go to ``models_dir/<fold>/``, its checkpoints (removed once it is done) to
+        ``checkpoints_dir/<fold>/``.
     gpus, allow_cpu
-        GPUs this job was given (>= 1 stops at once when none is visible, 0 hides GPUs), and whether to train
-        on the CPU on purpose although a GPU was asked for (``training.allow_cpu``).
-    load_into_memory : "auto" or bool
-        See `moaflow.learn.feeder.open_store`.
-    checkpoint_minutes : float
-        Checkpoint a fold when this long has passed since its last checkpoint (0: every epoch).
+        GPUs this job was given (>= 1 stops at once when none is visible, 0 hides GPUs); train on the CPU
+        although a GPU was asked for (``training.allow_cpu``).
+    load_into_memory, checkpoint_minutes
+        See `moaflow.learn.feeder.open_store`; a fold's checkpoint at most this often (0: every epoch).
+    pack_folds, compilation_cache
+        Folds trained at once in one compiled step (JAX; `moaflow.learn.packed`; 1: one by one), and JAX's
+        persistent compilation cache folder shared by the run's jobs (`moaflow.learn.devices.CompilationCache`).
     dataset, init : str
         Recorded in ``run.json`` for tracking.
     receipt : path, optional
-        Where to write the job's summary (the rule's output): per fold its fingerprint, whether it was kept
-        from an earlier run, and its held-out accuracy (also returned).
-    tracking : dict, optional
-        ``uri``, ``experiment`` and ``parent_file``: with a tracking server each fold is logged live.
-    occlusion : dict, optional
+        The job's summary (the rule's output; also returned): per fold its fingerprint, whether it was kept, its accuracy.
+    tracking, occlusion : dict, optional
+        ``uri``, ``experiment`` and ``parent_file``: with a tracking server each fold is logged live;
         ``examples`` and ``grid``: occlusion maps of that many held-out crops per fold.
     """
     prepare_environment(gpus)
     device = check_devices(gpus, allow_cpu, log)   # first: it imports Keras with the start-up noise filtered
+    cache = CompilationCache(compilation_cache, log=log)
     crop_index, table = pd.read_parquet(index), folds_module.read_folds(folds)
     _check_folds(table, fold_names, hyper, folds)
     classes, labels = _labels(crop_index, hyper["head"])
@@ -196,8 +195,9 @@ def train_job(
         summary["folds"].update(_train_folds(store, crop_index, labels, classes, todo, architecture=architecture,
                                              weights=weights, hyper=hyper, seed=seed, models_dir=models_dir,
                                              checkpoints_dir=checkpoints_dir, load_into_memory=load_into_memory,
-                                             checkpoint_minutes=checkpoint_minutes, record=record,
-                                             tracking=tracking, occlusion=occlusion, log=log))
+                                             checkpoint_minutes=checkpoint_minutes, pack_folds=pack_folds,
+                                             record=record, tracking=tracking, occlusion=occlusion, log=log))
+    summary["compilation_cache"] = cache.summary(log)
     if receipt is not None:
         write_json(summary, receipt)
     return summary
@@ -227,9 +227,12 @@ def _kept_folds(table: pd.DataFrame, fold_names: list[str], identity: dict, mode
 
 
 def _train_folds(store_path, index, labels, classes, todo, *, architecture, weights, hyper, seed, models_dir,
-                 checkpoints_dir, load_into_memory, checkpoint_minutes, record, tracking, occlusion, log) -> dict:
-    """Train the ``todo`` folds (row, fingerprint) with one `Trainer`; per fold: fingerprint and accuracy."""
+                 checkpoints_dir, load_into_memory, checkpoint_minutes, pack_folds, record, tracking, occlusion,
+                 log) -> dict:
+    """Train the ``todo`` folds (row, fingerprint) with one `Trainer`, one by one or in packs
+    (`moaflow.learn.packed`); per fold: fingerprint and accuracy."""
     from moaflow.learn.feeder import open_store
+    from moaflow.learn.packed import pack_size, packs
     from moaflow.learn.trainer import trainer_for
 
     store = open_store(store_path, load_into_memory, log)
@@ -240,19 +243,23 @@ def _train_folds(store_path, index, labels, classes, todo, *, architecture, weig
         steps = min(steps, hyper["steps_per_epoch"])
     trainer = trainer_for(hyper)(store, architecture, len(classes), weights=weights, hyper=hyper, seed=seed,
                                  steps_per_epoch=steps, log=log)
-    done = {}
+    done, size, n = {}, pack_size(pack_folds, trainer, log), 0
+    settings = dict(hyper=hyper, seed=seed, models_dir=models_dir, checkpoints_dir=checkpoints_dir,
+                    checkpoint_minutes=checkpoint_minutes, record=record, tracking=tracking, occlusion=occlusion,
+                    log=log)
     # A fold's last step (compressing its model, run.json) overlaps the next fold's training.
     with ThreadPoolExecutor(max_workers=1) as finishing:
         pending = []
-        for n, (row, print_) in enumerate(todo, 1):
-            log(f"fold {n}/{len(todo)} of this job: {row['fold']}")
-            run = _train_fold(trainer, index, labels, classes, row, hyper=hyper, seed=seed,
-                              out_dir=models_dir / row["fold"],
-                              checkpoint=FoldCheckpoint(checkpoints_dir / row["fold"], checkpoint_minutes),
-                              record={**record, "fingerprint": print_}, tracking=tracking, occlusion=occlusion,
-                              log=log)
-            pending.append(finishing.submit(finish_fold, models_dir / row["fold"], checkpoints_dir / row["fold"], run))
-            done[row["fold"]] = {"fingerprint": print_, "kept": False, "test_accuracy": run["test_accuracy"]}
+        for pack in packs(todo, size):
+            log(f"fold{'s' if len(pack) > 1 else ''} {n + 1}{f'-{n + len(pack)}' if len(pack) > 1 else ''}"
+                f"/{len(todo)} of this job: {', '.join(row['fold'] for row, _ in pack)}")
+            n += len(pack)
+            trained = (_train_pack(trainer, index, labels, classes, pack, **settings) if len(pack) > 1 else
+                       [_train_fold(trainer, index, labels, classes, *pack[0], **settings)])
+            for (row, print_), run in zip(pack, trained):
+                pending.append(finishing.submit(finish_fold, models_dir / row["fold"], checkpoints_dir / row["fold"],
+                                                run))
+                done[row["fold"]] = {"fingerprint": print_, "kept": False, "test_accuracy": run["test_accuracy"]}
         for future in pending:
             future.result()   # an error finishing a fold fails the job
     return done
@@ -287,23 +294,28 @@ def _record(record: dict, fold: FoldRun, hyper: dict, classes: list[str], traine
             "started_at": fold.started_at}
 
 
-def _fit(trainer, fold: FoldRun, hyper: dict, seed: int, log) -> float:
-    """Train the fold's remaining epochs; seconds taken."""
+def _training_batches(trainer, fold: FoldRun, hyper: dict, seed: int):
+    """The fold's training batches (`moaflow.learn.feeder.CropBatches`), with its class weights."""
     from moaflow.learn.feeder import class_weights
-    from moaflow.learn.trainer import EpochEnd
 
     rows = fold.parts["train"]
     weights = None
     if hyper["class_weights"]:
         weights = class_weights(fold.labels[rows], len(fold.classes))[fold.labels[rows]]
-    train_set = trainer.batches(rows, fold.targets[rows], weights, seed)
+    return trainer.batches(rows, fold.targets[rows], weights, seed)
+
+
+def _fit(trainer, fold: FoldRun, hyper: dict, seed: int, log) -> float:
+    """Train the fold's remaining epochs; seconds taken."""
+    from moaflow.learn.trainer import EpochEnd
+
+    train_set = _training_batches(trainer, fold, hyper, seed)
     started = time.monotonic()
     if fold.epochs_done < fold.epochs:
-        train_set.set_epoch(fold.epochs_done)
-        # shuffle=False: CropBatches shuffles by (seed, epoch); Keras' own shuffle would reorder batches
-        # from Python's global random state, so a fold would depend on what ran before it.
+        # shuffle=False: CropBatches shuffles by (seed, epoch), the epoch set by EpochEnd; Keras' own shuffle
+        # would reorder batches from Python's global random state, so a fold would depend on what ran before it.
         trainer.network.fit(train_set, epochs=fold.epochs, initial_epoch=fold.epochs_done, verbose=0, shuffle=False,
-                            callbacks=[EpochEnd(trainer, fold, len(train_set) * hyper["batch_size"], log)])
+                            callbacks=[EpochEnd(trainer, fold, train_set, log)])
     return time.monotonic() - started
 
 
@@ -335,12 +347,48 @@ def _accuracy(frame: pd.DataFrame, classes: list[str]) -> float | None:
                          == frame["true"].to_numpy()))
 
 
-def _train_fold(trainer, index, labels, classes, row, *, hyper, seed, out_dir: Path, checkpoint: FoldCheckpoint,
-                record: dict, tracking: dict | None, occlusion: dict | None, log) -> dict:
+def _train_fold(trainer, index, labels, classes, row, print_, *, hyper, seed, models_dir: Path,
+                checkpoints_dir: Path, checkpoint_minutes: float, record: dict, tracking: dict | None,
+                occlusion: dict | None, log) -> dict:
     """Train one fold and write its outputs (but ``run.json``, which `finish_fold` writes); its run record."""
-    fold = _start_fold(trainer, index, labels, classes, row, hyper=hyper, checkpoint=checkpoint, record=record,
-                       tracking=tracking, log=log)
+    record = {**record, "fingerprint": print_, "packed_folds": 1}
+    fold = _start_fold(trainer, index, labels, classes, row, hyper=hyper, record=record, tracking=tracking, log=log,
+                       checkpoint=FoldCheckpoint(checkpoints_dir / row["fold"], checkpoint_minutes))
     seconds = _fit(trainer, fold, hyper, seed, log)
+    return _conclude_fold(trainer, fold, index, classes, seconds, hyper=hyper, out_dir=models_dir / row["fold"],
+                          record=record, tracking=tracking, occlusion=occlusion, log=log)
+
+
+def _train_pack(trainer, index, labels, classes, pack, *, hyper, seed, models_dir: Path, checkpoints_dir: Path,
+                checkpoint_minutes: float, record: dict, tracking: dict | None, occlusion: dict | None,
+                log) -> list[dict]:
+    """Train a pack of folds (row, fingerprint) together (`moaflow.learn.packed.PackedFolds`), then write
+    each fold's outputs as `_train_fold` does; their run records (``packed_folds``: the pack's size)."""
+    from moaflow.learn.packed import PackedFolds
+
+    packer, folds, batches, records = None, [], [], []
+    for row, print_ in pack:
+        records.append({**record, "fingerprint": print_, "packed_folds": len(pack)})
+        fold = _start_fold(trainer, index, labels, classes, row, hyper=hyper, record=records[-1], tracking=tracking,
+                           log=log, checkpoint=FoldCheckpoint(checkpoints_dir / row["fold"], checkpoint_minutes))
+        batches.append(_training_batches(trainer, fold, hyper, seed))
+        packer = packer or PackedFolds(trainer, batches[0][0])
+        packer.capture()   # the fold's starting state: the initial one, or its checkpoint's
+        folds.append(fold)
+    seconds = packer.train(folds, batches, log)
+    runs = []
+    for k, (fold, fold_record) in enumerate(zip(folds, records)):
+        packer.load(k)
+        runs.append(_conclude_fold(trainer, fold, index, classes, seconds, hyper=hyper,
+                                   out_dir=models_dir / fold.row["fold"], record=fold_record, tracking=tracking,
+                                   occlusion=occlusion, log=log))
+    return runs
+
+
+def _conclude_fold(trainer, fold: FoldRun, index, classes, seconds: float, *, hyper, out_dir: Path, record: dict,
+                   tracking: dict | None, occlusion: dict | None, log) -> dict:
+    """After the fold's last epoch (its state in the trainer's model): the model selection, its outputs
+    and its run record."""
     chosen = fold.selection.choose(trainer.network.set_weights)
     frames = {name: _predictions(trainer, fold, index, classes, record, hyper["head"], name)
               for name in ("test", "validation")}

@@ -97,7 +97,17 @@ class Trainer:
         self.features = embedding_model(self.model)
         self.network = self.model
         self._prepare(steps_per_epoch, log)
+        self._build_loss_and_metrics()
         self.initial = self.state()
+
+    def _build_loss_and_metrics(self) -> None:
+        """Build the loss and metrics now, from shapes. Otherwise the first ``fit`` draws a batch of the first
+        fold's data to build them, and with prefetching workers that fold's first epoch then starts one batch
+        late: the job's first fold would train differently from the same fold later in a job (or packed)."""
+        network = self.network
+        images = np.zeros((1, *network.inputs[0].shape[1:]), network.inputs[0].dtype)
+        targets = np.zeros((1, network.outputs[0].shape[-1]), np.float32)
+        network._symbolic_build(data_batch=(images, targets))   # what fit does first (Keras has no public call)
 
     def _prepare(self, steps_per_epoch: int, log) -> None:
         """What a variant sets up before the initial state is taken (nothing here)."""
@@ -183,17 +193,25 @@ class EpochEnd(keras.callbacks.Callback):
     trainer : Trainer
     fold : moaflow.learn.train.FoldRun
         The fold being trained: its splits, labels, history, selection, checkpoint and live run.
-    images_per_epoch : int
+    batches : CropBatches
+        The fold's training batches: each epoch's order is set here, before Keras reads a batch of it.
     log : callable
     """
 
-    def __init__(self, trainer: Trainer, fold, images_per_epoch: int, log):
+    def __init__(self, trainer: Trainer, fold, batches: CropBatches, log):
         super().__init__()
-        self.trainer, self.fold, self.images_per_epoch, self.log = trainer, fold, images_per_epoch, log
+        self.trainer, self.fold, self.batches, self.log = trainer, fold, batches, log
+        self.images_per_epoch = len(batches) * trainer.hyper["batch_size"]
         self.started = time.monotonic()
 
     def on_epoch_begin(self, epoch, logs=None):
+        self.batches.set_epoch(epoch)
         self.started = time.monotonic()
+
+    def trained(self, epoch: int, logs: dict, seconds: float) -> None:
+        """The end of an epoch trained outside ``fit`` (`moaflow.learn.packed`), its training ``seconds`` long."""
+        self.started = time.monotonic() - seconds
+        self.on_epoch_end(epoch, logs)
 
     def on_epoch_end(self, epoch, logs=None):
         fold, head = self.fold, self.trainer.hyper["head"]
