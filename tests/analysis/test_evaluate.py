@@ -126,6 +126,34 @@ def test_several_seeds_give_a_seed_variation_row(tmp_path):
     assert row["seeds"] == 2 and row["sd_percent"] == pytest.approx(np.std([100, 50], ddof=1))
     variation = pd.read_csv(tmp_path / "out" / "seed_variation.csv")
     assert sorted(variation.query("level == 'treatment'")["accuracy_percent"]) == [50.0, 100.0]
+    # the report's opening table: the network's row, each level as mean ± SD over the seeds
+    headline = pd.read_csv(tmp_path / "out" / "headline.csv").set_index("network")
+    assert headline.loc["net", "treatment %"] == f"75.0 ± {np.std([100, 50], ddof=1):.1f}"
+    assert headline.loc["net", "initialisation"] == "random" and list(headline.columns[:2]) == ["initialisation",
+                                                                                               "crop %"]
+
+
+def test_the_report_opens_with_the_headline_table(tmp_path):
+    """The report's first page (workflow/report/workflow.rst, rendered as Snakemake renders it: Jinja, then
+    docutils) shows each dataset's headline.csv as a table, before anything else."""
+    from types import SimpleNamespace
+
+    import jinja2
+    from docutils.core import publish_parts
+
+    path = tmp_path / "results" / "bbbc021" / "evaluation" / "headline.csv"
+    path.parent.mkdir(parents=True)
+    pd.DataFrame({"network": ["resnet50"], "initialisation": ["imagenet"], "treatment %": ["97.1 ± 1.0"]}).to_csv(
+        path, index=False)
+    text = (Path(__file__).resolve().parents[2] / "workflow" / "report" / "workflow.rst").read_text()
+    config = {"datasets": ["bbbc021"], "bbbc021": {"published_files": {"a": 1, "b": 2}, "image_csv": "a",
+                                                    "moa_csv": "b"}}
+    files = [SimpleNamespace(target="headline.csv", path=path), SimpleNamespace(target="other.csv", path=path)]
+    rendered = jinja2.Environment().from_string(text).render(snakemake=SimpleNamespace(config=config), files=files,
+                                                                categories={})
+    html = publish_parts(rendered, writer="html")["html_body"]
+    assert "Accuracy of every network on bbbc021" in html and html.count("<table") == 1
+    assert html.index("<table") < html.index("moaflow reruns") and "97.1 ± 1.0" in html
 
 
 def _write_fold(tmp_path, dataset, architecture, fold, crops):

@@ -111,3 +111,13 @@ def test_bbbc014_translocation_rises_with_concentration():
 def test_bad_shape_is_named(tmp_path, shape):
     with pytest.raises(ValueError, match="4:5"):
         standin.write_bbbc021(tmp_path, shape=shape, log=lambda _: None)
+
+
+def test_a_port_already_served_is_named_with_the_setting_that_moves_it(tmp_path):
+    """Two stand-ins on one port (a rehearsal while another serves): a clear error, not a socket traceback."""
+    from moaflow.devtools.serve import StandinServer
+    from moaflow.errors import MoaflowError
+
+    with StandinServer(tmp_path, 0) as first:
+        with pytest.raises(MoaflowError, match=rf"127\.0\.0\.1:{first.port} .*standin\.port"):
+            StandinServer(tmp_path, first.port)

@@ -131,6 +131,8 @@ def test_evaluation_and_report(demo):
     for figure in ("learning_curves.png", "confusion_treatment_resnet50_random.png", "conformal.csv",
                    "confusion_treatment_resnet50_published.png", "Uncertainty", "QC", "This run:"):
         assert figure in report, figure
+    # the first page opens with every network's accuracy, per MoA dataset (headline.csv)
+    assert "Accuracy of every network on bbbc021" in report   # a MoA dataset (BBBC014: well_accuracy.csv)
     assert "report:" in result.stdout
     published = accuracy.query("source == 'published predictions' and level == 'treatment'")
     assert published.set_index("architecture")["accuracy_percent"].round(2).to_dict() == {

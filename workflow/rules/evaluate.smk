@@ -15,6 +15,12 @@ for _dataset in MOA_DATASETS:
         output:
             layout.evaluation(_dataset, "summary.json"),
             report(
+                layout.evaluation(_dataset, "headline.csv"),
+                caption="../report/headline.rst",
+                category="Evaluation",
+                subcategory=f"Summary ({_dataset})",
+            ),
+            report(
                 layout.evaluation(_dataset, "accuracy.csv"),
                 caption="../report/accuracy.rst",
                 category="Evaluation",

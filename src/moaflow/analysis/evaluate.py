@@ -167,6 +167,35 @@ class Evaluation:
         return headline
 
 
+def headline_table(accuracy: pd.DataFrame) -> pd.DataFrame:
+    """The report's opening table: one row per network, its accuracy at every level as mean ± SD over seeds.
+
+    Parameters
+    ----------
+    accuracy : pandas.DataFrame
+        `Evaluation.accuracy_table` (long: one row per source, architecture, initialisation and level).
+
+    Returns
+    -------
+    headline : pandas.DataFrame
+        ``network``, ``initialisation``, one ``<level> %`` column per level (``"87.1 ± 2.0"``; no SD with one
+        seed) and ``paper, treatment %`` (the paper's figure where it has one); this run's networks first.
+    """
+    levels = list(dict.fromkeys(accuracy["level"]))
+    rows = []
+    for (source, architecture, init), group in accuracy.groupby(["source", "architecture", "init"], sort=False):
+        row = {"network": architecture if source == "this run" else f"{architecture} ({source})",
+               "initialisation": init}
+        for level in levels:
+            hit = group[group["level"] == level]
+            mean, sd = (hit["accuracy_percent"].iloc[0], hit["sd_percent"].iloc[0]) if len(hit) else (None, None)
+            row[f"{level} %"] = "" if mean is None else f"{mean:.1f}" + ("" if pd.isna(sd) else f" ± {sd:.1f}")
+        paper = group["paper_percent"].dropna()
+        row["paper, treatment %"] = f"{paper.iloc[0]:.1f}" if len(paper) else ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _model_selection(seed_dir: Path, fold: str) -> str:
     import json
 
@@ -247,6 +276,7 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike) -> dict
     out_dir = Path(out_dir)
     table = evaluation.accuracy_table()
     write_table(table, out_dir / "accuracy.csv")
+    write_table(headline_table(table), out_dir / "headline.csv")
     if len(evaluation.seeds) > 1:
         write_table(pd.DataFrame(evaluation.scores).query("source == 'this run'"), out_dir / "seed_variation.csv")
     for (architecture, init, level), matrix in evaluation.confusions.items():

@@ -189,7 +189,7 @@ def run_rehearsal(configfile: str = "config/rehearsal.yaml", profile: str = "pro
 
     Runs in its own folder, ``<standin.out_dir>/run-<shape>[-<n>-plates]`` (its ``results/`` is the run's),
     samples the disk used there every 15 s, and writes ``rehearsal.json`` there: counts, wall time, peak and
-    final disk, and the disk by folder at the end.
+    final disk, and the disk by folder at the end (each run's record is also appended to ``rehearsals.jsonl``).
 
     Parameters
     ----------
@@ -251,6 +251,9 @@ def run_rehearsal(configfile: str = "config/rehearsal.yaml", profile: str = "pro
         results = run_dir / "results"
         resource_table(results / "benchmarks", results / "resources.csv", results / "disk_usage.csv")
     (run_dir / "rehearsal.json").write_text(json.dumps(summary, indent=1))
+    # Every run's record is kept: a rerun (a no-op, or one that resumes) does not hide the first run's figures.
+    with open(run_dir / "rehearsals.jsonl", "a") as history:
+        history.write(json.dumps({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summary}) + "\n")
     print(f"rehearsal {'finished' if status == 0 else f'FAILED ({status})'} in {summary['wall_seconds']} s; "
           f"peak disk {summary['peak_disk_gb']} GB, at the end {summary['final_disk_gb']} GB ({run_dir})", flush=True)
     return status

@@ -19,6 +19,8 @@ from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from moaflow.errors import MoaflowError
+
 LOOPBACK = "127.0.0.1"
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 #: Per-file faults a test can ask for: an HTML error page served with status 200, an empty body,
@@ -140,7 +142,12 @@ class StandinServer(ThreadingHTTPServer):
         def handler(*args, **kwargs):
             return _Handler(*args, directory=self.root, **kwargs)
 
-        super().__init__((LOOPBACK, port), handler)
+        try:
+            super().__init__((LOOPBACK, port), handler)
+        except OSError as exc:   # most often another stand-in (a rehearsal, the demo) already serves there
+            raise MoaflowError(f"cannot serve {self.root} on {LOOPBACK}:{port} ({exc.strerror}): another server "
+                               "uses the port; stop it or give this one another port (the config's standin.port "
+                               "and the base_urls that name it)") from None
         self._thread: threading.Thread | None = None
 
     @property
