@@ -124,6 +124,7 @@ class PackedFolds:
         if len(self.slots) != len(folds):
             raise ValueError(f"{len(self.slots)} captured slot(s) for {len(folds)} fold(s)")
         self.state = jax.tree.map(lambda *a: jnp.stack(a), *self.slots)
+        self.slots = []   # the stacked state is the only copy (K large networks' weights and optimizer slots)
         self.model.reset_metrics()
         zero_metrics = _values(self.model.metrics_variables)
         ends = [EpochEnd(self.trainer, fold, b, log) for fold, b in zip(folds, batches)]
