@@ -116,6 +116,37 @@ def test_every_query_is_embedded_by_the_fold_that_held_it_out(tmp_path):
             features, dmso_index["plate"].to_numpy()), rtol=1e-3, atol=1e-5)
     assert not np.allclose(statistics[names[0]]["means"], statistics[names[1]]["means"])   # two models, two spaces
 
+    # A job stopped after its first fold continues there: that fold is kept, not embedded again ...
+    class Stopped(Exception):
+        pass
+
+    def stop_after_first_fold(line):
+        if "fold 1/" in line:
+            raise Stopped(line)
+
+    output = tmp_path / "resumed.npz"
+    with pytest.raises(Stopped):
+        profiling.control_embeddings(tmp_path / "models", table.head(2), dmso_index, dmso, output,
+                                     log=stop_after_first_fold)
+    assert not output.exists() and len(list(output.with_suffix(".folds").glob("*.npz"))) == 1
+    lines = []
+    profiling.control_embeddings(tmp_path / "models", table.head(2), dmso_index, dmso, output, log=lines.append)
+    assert "fold 1/2" in lines[0] and "kept from an earlier run" in lines[0], lines
+    assert "fold 2/2" in lines[1] and "embedded" in lines[1] and "kept" not in lines[1], lines
+    resumed = profiling.read_control_statistics(output)
+    for fold in names:
+        for key in ("means", "covariance"):
+            assert np.array_equal(resumed[fold][key], statistics[fold][key])
+    assert not output.with_suffix(".folds").exists()   # the per-fold parts go once the job's file is written
+    # ... but not when the crops changed since: a kept fold must come from the same model and the same pixels.
+    with pytest.raises(Stopped):
+        profiling.control_embeddings(tmp_path / "models", table.head(2), dmso_index, dmso, output,
+                                     log=stop_after_first_fold)
+    lines.clear()
+    profiling.control_embeddings(tmp_path / "models", table.head(2), dmso_index, 255 - dmso, output,
+                                 log=lines.append)
+    assert not any("kept" in line for line in lines), lines
+
 
 def _crops(rows, plate, batch, fold="f1"):
     """Crop rows (compound, moa, features...) of one plate, one well per compound."""

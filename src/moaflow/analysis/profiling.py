@@ -23,7 +23,9 @@ under NSCB and are left out, with the count stated.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -222,6 +224,11 @@ def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index
     space. Only `control_statistics` are kept per fold (the plates' means and
     the covariance), in ``output`` (``.npz``: ``folds``, ``plates``, ``means``
     (F, P, D), ``covariance`` (F, D, D)), written atomically.
+
+    A job stopped part-way (a cluster's time limit: 38 folds each embed every DMSO crop) continues where it
+    stopped: each fold's statistics are first written to ``<output>.folds/<fold>.npz`` with the fingerprint of
+    the model and the crops they came from, and a rerun keeps those whose fingerprint still matches. The folder
+    is removed once ``output`` is written.
     """
     import keras
 
@@ -229,29 +236,65 @@ def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index
     from moaflow.files import atomic_path
     from moaflow.learn.models import embedding_model, load_model
 
-    started = time.monotonic()
+    started, embedded = time.monotonic(), 0
     gathered: dict[str, list] = {"means": [], "covariance": []}
     plates = None
     names = list(folds["fold"])
+    parts, crops = Path(output).with_suffix(".folds"), _crops_fingerprint(index, store)
     for n, fold in enumerate(names, 1):
         path = layout.fold_file(Path(models_dir) / fold, "model")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: fold {fold}'s trained model is missing (its training job has not "
                                     f"finished)")
-        features = predict(embedding_model(load_model(path)), store, np.arange(len(index)), BATCH_SIZE)
-        statistics = control_statistics(features, index["plate"])
-        keras.backend.clear_session()   # one model at a time in memory
+        part, fingerprint = parts / f"{fold}.npz", _control_fingerprint(path, crops)
+        statistics = _kept_statistics(part, fingerprint)
+        if statistics is None:
+            features = predict(embedding_model(load_model(path)), store, np.arange(len(index)), BATCH_SIZE)
+            statistics = control_statistics(features, index["plate"])
+            keras.backend.clear_session()   # one model at a time in memory
+            with atomic_path(part) as tmp, open(tmp, "wb") as handle:
+                np.savez(handle, fingerprint=fingerprint, **statistics)
+            embedded += 1
+            done = "embedded"
+        else:
+            done = "kept from an earlier run (same model and crops)"
         if plates is None:
             plates = statistics["plates"]
         for key in gathered:
             gathered[key].append(statistics[key])
-        elapsed = time.monotonic() - started
+        eta = (time.monotonic() - started) / max(embedded, 1) * (len(names) - n) if embedded else 0
         log(f"{models_dir}: fold {n}/{len(names)} ({fold}): {len(index)} DMSO crops of {len(plates)} plate(s) "
-            f"embedded, ETA {elapsed / n * (len(names) - n):.0f} s")
+            f"{done}, ETA {eta:.0f} s")
     with atomic_path(output) as tmp:
         with open(tmp, "wb") as handle:
             np.savez(handle, folds=np.array(names), plates=plates, means=np.stack(gathered["means"]),
                      covariance=np.stack(gathered["covariance"]).astype(np.float32))
+    shutil.rmtree(parts, ignore_errors=True)
+
+
+def _crops_fingerprint(index: pd.DataFrame, store) -> str:
+    """The DMSO crops' identity: their plates and every pixel (a digest of the store's bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update("\n".join(index["plate"].astype(str)).encode())
+    for start in range(0, len(store), 4096):   # a memory-mapped store is read in pieces
+        digest.update(np.ascontiguousarray(store[start:start + 4096]).tobytes())
+    return f"{len(index)}:{digest.hexdigest()}"
+
+
+def _control_fingerprint(model: Path, crops: str) -> str:
+    """What one fold's DMSO statistics depend on: its model file (size, modification time) and the crops."""
+    stat = model.stat()
+    return f"{model.name}:{stat.st_size}:{stat.st_mtime_ns}:{crops}"
+
+
+def _kept_statistics(part: Path, fingerprint: str) -> dict[str, np.ndarray] | None:
+    """A fold's statistics from an earlier, stopped run, if they came from the same model and crops."""
+    if not part.is_file():
+        return None
+    with np.load(part) as data:
+        if str(data["fingerprint"]) != fingerprint:
+            return None
+        return {key: data[key] for key in ("plates", "means", "covariance")}
 
 
 def embed_controls(models_dir: str | os.PathLike, folds: str | os.PathLike, index: str | os.PathLike,
