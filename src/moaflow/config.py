@@ -33,6 +33,7 @@ RENAMED = {
 def registries() -> dict[str, list[str]]:
     """Registry name (as ``x-registry`` names it in the schema) -> the registered names."""
     from moaflow.analysis.profiling import FEATURE_NORMALISATIONS
+    from moaflow.learn.adapters import ADAPTERS
     from moaflow.learn.architectures import REGISTRY, TRANSFERS
     from moaflow.learn.inputs import CHANNEL_ORDERS, INPUT_SCALINGS, PRETRAINED
     from moaflow.learn.presets import PRESETS
@@ -42,7 +43,7 @@ def registries() -> dict[str, list[str]]:
     return {"architectures": list(REGISTRY), "presets": list(PRESETS),
             "intensity_normalisations": list(NORMALISATIONS), "feature_normalisations": list(FEATURE_NORMALISATIONS),
             "channel_orders": list(CHANNEL_ORDERS), "input_scalings": [*INPUT_SCALINGS, PRETRAINED],
-            "model_selections": list(RULES), "transfers": list(TRANSFERS)}
+            "model_selections": list(RULES), "transfers": list(TRANSFERS), "channel_adapters": list(ADAPTERS)}
 
 
 def schema_path() -> str:
@@ -176,6 +177,7 @@ def input_size(config: dict, dataset: str, architecture: str) -> int:
 def normalises_to_controls(config: dict) -> bool:
     """Profiles normalised to each plate's DMSO crops (a feature normalisation that needs them)."""
     from moaflow.analysis.profiling import FEATURE_NORMALISATIONS
+    from moaflow.learn.adapters import ADAPTERS
 
     profiling = config["profiling"]
     return profiling["enabled"] and FEATURE_NORMALISATIONS[profiling["feature_normalisation"]].needs_controls

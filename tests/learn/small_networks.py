@@ -10,13 +10,13 @@ process (and in the training subprocess it starts).
 from moaflow.learn import architectures
 
 
-def bn_cnn_body(input_size: int, weights: str | None):
+def bn_cnn_body(input_size: int, weights: str | None, channels: int = 3):
     """Conv-BatchNorm-ReLU twice, then global average pooling (16 features)."""
     import keras
 
     if weights is not None:
         raise ValueError("bn_cnn has no pretrained weights")
-    inputs = x = keras.Input((input_size, input_size, 3))
+    inputs = x = keras.Input((input_size, input_size, channels))
     for filters in (8, 16):
         x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False)(x)
         x = keras.layers.BatchNormalization()(x)

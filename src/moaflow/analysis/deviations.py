@@ -16,7 +16,7 @@ import pandas as pd
 #: Hyper-parameters the table reports.
 COMPARED_HYPERPARAMETERS = ("transfer", "epochs", "batch_size", "optimizer", "learning_rate", "momentum",
                             "schedule", "class_weights", "augmentation", "precision", "channel_order",
-                            "input_scaling", "model_selection")
+                            "input_scaling", "channel_adapter", "model_selection")
 #: How the data is described when it is the Broad's published files.
 PUBLISHED_DATA = "the Broad's BBBC021 v1 files"
 

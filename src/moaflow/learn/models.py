@@ -12,7 +12,9 @@ the model, on the device. The layers, in order:
 
 ``to_float`` (Rescaling: uint8 -> float32) -> ``augmentation`` (training only,
 float32) -> ``input_transform`` (a fixed 1x1 convolution: channel order and
-scaling) -> backbone -> head (float32 under mixed precision).
+scaling) -> the channel adapter's layers, if any, and the backbone for C channels
+(`moaflow.learn.adapters`; with three channels the backbone as it is) -> head
+(float32 under mixed precision).
 
 `inference_model` drops the augmentation: what remains is built from Keras'
 own layers only, so a saved ``model.keras`` loads with plain
@@ -27,7 +29,7 @@ import os
 import keras
 from keras import ops
 
-from moaflow.learn import architectures
+from moaflow.learn import adapters, architectures
 from moaflow.learn.inputs import input_transform, resolve_scaling
 
 @keras.saving.register_keras_serializable(package="moaflow")
@@ -119,6 +121,8 @@ def build_model(
     input_scaling: str = "raw",
     transfer: str = "fine_tune",
     seed: int | None = None,
+    channels: int = 3,
+    channel_adapter: str = "replicate",
 ) -> keras.Model:
     """Build a registered architecture for square uint8 ``input_size`` crops in stored channel order.
 
@@ -141,25 +145,32 @@ def build_model(
         moving statistics, no dropout), so only the head learns.
     seed : int, optional
         Seeds the augmentation.
+    channels : int
+        Channels of the stored crops.
+    channel_adapter : str
+        How the RGB architecture reads them (`moaflow.learn.adapters`; ``replicate`` with three channels is
+        the architecture as it is).
 
     Returns
     -------
     model : keras.Model
-        Uncompiled; input uint8 ``(None, input_size, input_size, 3)``.
+        Uncompiled; input uint8 ``(None, input_size, input_size, channels)``.
     """
     if head not in ("softmax", "sigmoid"):
         raise ValueError(f"head={head!r}: expected 'softmax' or 'sigmoid'")
-    kernel, bias = input_transform(channel_order, resolve_scaling(input_scaling, architecture))
-    inputs = keras.Input((input_size, input_size, 3), dtype="uint8", name="image")
+    kernel, bias = input_transform(channel_order, resolve_scaling(input_scaling, architecture), channels)
+    inputs = keras.Input((input_size, input_size, channels), dtype="uint8", name="image")
     x = keras.layers.Rescaling(1.0, dtype="float32", name="to_float")(inputs)
     if augmentation:
         x = StudyAugmentation(seed=seed, name="augmentation")(x)
-    transform = keras.layers.Conv2D(3, 1, dtype="float32", trainable=False, name="input_transform")
+    transform = keras.layers.Conv2D(channels, 1, dtype="float32", trainable=False, name="input_transform")
     x = transform(x)
     transform.set_weights([kernel, bias])
-    body = architectures.body(architecture, input_size, weights)
     if transfer not in architectures.TRANSFERS:
         raise ValueError(f"transfer={transfer!r}: expected one of {architectures.TRANSFERS}")
+    front, body = adapters.adapt(channel_adapter, architecture, input_size, channels, weights)
+    for layer in front:   # an adapter's own layers: they train also when the body is frozen
+        x = layer(x)
     if transfer == "frozen":
         body.trainable = False
         x = body(x, training=False)

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from moaflow.learn.feeder import CropBatches, predict
+from moaflow.learn import adapters
 from moaflow.learn.models import StudyAugmentation, build_model, embedding_model, head_layers
 from moaflow.logs import rate
 
@@ -87,7 +88,8 @@ class Trainer:
         keras.config.set_dtype_policy(hyper["precision"])
         self.model = build_model(architecture, store.shape[1], n_classes, weights=weights, head=hyper["head"],
                                  augmentation=hyper["augmentation"], channel_order=hyper["channel_order"],
-                                 input_scaling=hyper["input_scaling"], transfer=hyper["transfer"], seed=seed)
+                                 input_scaling=hyper["input_scaling"], transfer=hyper["transfer"], seed=seed,
+                                 channels=store.shape[-1], channel_adapter=hyper["channel_adapter"])
         self.loss = "categorical_crossentropy" if hyper["head"] == "softmax" else "binary_crossentropy"
         self.model.compile(optimizer=optimizer(hyper, steps_per_epoch), loss=self.loss, metrics=["accuracy"],
                            run_eagerly=hyper["run_eagerly"])
@@ -181,8 +183,11 @@ class FrozenFeatures(Trainer):
 
 
 def trainer_for(hyper: dict) -> type[Trainer]:
-    """`FrozenFeatures` when the body is frozen and nothing changes its input between epochs, else `Trainer`."""
-    return FrozenFeatures if hyper["transfer"] == "frozen" and not hyper["augmentation"] else Trainer
+    """`FrozenFeatures` when the body is frozen and nothing changes its input between epochs (no augmentation,
+    no trainable adapter layers in front of it), else `Trainer`."""
+    cached = (hyper["transfer"] == "frozen" and not hyper["augmentation"]
+              and not adapters.trains_in_front(hyper["channel_adapter"]))
+    return FrozenFeatures if cached else Trainer
 
 
 class EpochEnd(keras.callbacks.Callback):
