@@ -214,6 +214,10 @@ def check(config: dict) -> None:
         for section in ("training", "preprocess"):
             if name in crops and name not in config[section]:
                 raise ValueError(f"{section}.{name}: missing; a crops dataset needs its own {section} section")
+    for name, spec in crops.items():
+        if isinstance(spec["filename"], dict) and list(spec["filename"]) != list(spec["channels"]):
+            raise ValueError(f"crops.{name}.filename names the channels {list(spec['filename'])}; crops.{name}.channels "
+                             f"is {list(spec['channels'])}: expected the same names in the same order")
     if normalises_to_controls(config):
         for name in moa_datasets(config):
             if name in crops:

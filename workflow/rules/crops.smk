@@ -63,6 +63,7 @@ for _name, _crops in CROPS.items():
             step="preprocess-crops",
             output_dir=lambda wc, output: os.path.dirname(output[-1]),
             sizes=config["preprocess"][_name]["input_sizes"],
+            channels=len(_crops["channels"]),
         script:
             STEP
 

@@ -93,7 +93,7 @@ for _dataset in MOA_DATASETS if PROFILING["enabled"] else []:
             inputs={
                 a: {
                     k: presets.resolved(TRAIN[_dataset], a)[k]
-                    for k in ("channel_order", "input_scaling")
+                    for k in ("channel_order", "input_scaling", "channel_adapter")
                 }
                 for a in _inputs["imagenet_weights"]
             },

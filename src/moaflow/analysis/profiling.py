@@ -73,16 +73,17 @@ def fold_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, log=stde
 
 
 def imagenet_feature_model(architecture: str, weights: str | os.PathLike, input_size: int, *, channel_order: str,
-                           input_scaling: str):
-    """The architecture's ImageNet weights, untrained, from uint8 crops to pooled features.
+                           input_scaling: str, channel_adapter: str = "replicate", channels: int = 3):
+    """The architecture's ImageNet weights, untrained, from uint8 crops of ``channels`` channels to pooled features.
 
-    ``channel_order`` and ``input_scaling`` are the run's hyper-parameters (``pretrained``: the scaling the
-    weights were trained on), so these features see the crops as the trained networks do.
+    ``channel_order``, ``input_scaling`` and ``channel_adapter`` are the run's hyper-parameters (``pretrained``:
+    the scaling the weights were trained on), so these features see the crops as the trained networks do.
     """
     from moaflow.learn.models import build_model, embedding_model
 
     return embedding_model(build_model(architecture, input_size, 2, weights=str(weights), augmentation=False,
-                                       channel_order=channel_order, input_scaling=input_scaling))
+                                       channel_order=channel_order, input_scaling=input_scaling,
+                                       channel_adapter=channel_adapter, channels=channels))
 
 
 def embed(model, index: pd.DataFrame, store) -> pd.DataFrame:
@@ -462,7 +463,8 @@ def _imagenet_sources(index, stores, imagenet_weights, inputs, method, control_i
     for architecture, weights in imagenet_weights.items():
         source = f"{architecture}/imagenet features"
         store = open_store(stores[architecture], log=log)
-        model = imagenet_feature_model(architecture, weights, store.shape[1], **inputs[architecture])
+        model = imagenet_feature_model(architecture, weights, store.shape[1], channels=store.shape[-1],
+                                       **inputs[architecture])
         crops = embed(model, index, store)
         log(f"ImageNet features of {architecture}: {len(index)} crops")
         if method.needs_controls:
@@ -528,8 +530,8 @@ def profile_dataset(dataset: str, folds: str | os.PathLike, index: str | os.Path
     sphering_regularisation : float
         See `sphering_matrix`.
     inputs : dict
-        Architecture -> ``{"channel_order", "input_scaling"}`` (the run's hyper-parameters), for the ImageNet
-        sources.
+        Architecture -> ``{"channel_order", "input_scaling", "channel_adapter"}`` (the run's hyper-parameters),
+        for the ImageNet sources.
     imagenet_weights : dict, optional
         Architecture -> its ImageNet weights file: adds the "ImageNet features, no training" source.
     controls : dict, optional

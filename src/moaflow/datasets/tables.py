@@ -348,7 +348,7 @@ CROPS_OPTIONAL = ("site", "batch")
 
 
 def crops_table(images: str | os.PathLike, metadata: str | os.PathLike, *, columns: dict[str, str],
-                filename: str, separator: str = ",", batch_pattern: str | None = None,
+                filename: str | dict[str, str], separator: str = ",", batch_pattern: str | None = None,
                 log: Callable[[str], None] = stderr) -> pd.DataFrame:
     """One row per crop of a pre-cropped image set (PNG or TIFF files) with its metadata.
 
@@ -360,9 +360,10 @@ def crops_table(images: str | os.PathLike, metadata: str | os.PathLike, *, colum
         Table with one row per crop.
     columns : dict
         Our name (`CROPS_REQUIRED`, and optionally ``site``/``batch``) -> the metadata's column.
-    filename : str
+    filename : str or dict
         The crop's file name as a format string over the metadata's columns (by their own names) and
-        ``index`` (the row's position), e.g. ``"bbbc021v1_{index}.png"`` or ``"{file}"``.
+        ``index`` (the row's position), e.g. ``"bbbc021v1_{index}.png"`` or ``"{file}"``; or, for one grey
+        file per channel (Cell Painting's way), channel name -> such a pattern, in channel order.
     separator : str
         The metadata's field separator.
     batch_pattern : str, optional
@@ -373,7 +374,8 @@ def crops_table(images: str | os.PathLike, metadata: str | os.PathLike, *, colum
     -------
     table : pandas.DataFrame
         ``plate, batch, well, site, replicate, compound, concentration, moa, treatment, image_number,
-        field, source``; ``field`` (plate/well/site) groups the crops of one field of view.
+        field, source``; ``field`` (plate/well/site) groups the crops of one field of view. With one file per
+        channel, ``source`` is the first channel's and ``channel_files`` lists every channel's.
 
     Raises
     ------
@@ -386,11 +388,8 @@ def crops_table(images: str | os.PathLike, metadata: str | os.PathLike, *, colum
         raise MetadataError(f"{metadata}: the columns mapping needs {list(CROPS_REQUIRED)} (optional "
                             f"{list(CROPS_OPTIONAL)}); unknown {unknown}, missing {missing_keys}")
     frame = _read_csv(metadata, list(columns.values()), sep=separator)
-    try:
-        names = [filename.format(index=i, **row) for i, row in enumerate(frame.to_dict("records"))]
-    except (KeyError, IndexError, ValueError) as exc:
-        raise MetadataError(f"{metadata}: file name pattern {filename!r} cannot be filled from its columns "
-                            f"({type(exc).__name__}: {exc}); columns are {list(frame.columns)} and 'index'") from None
+    patterns = filename if isinstance(filename, dict) else {"": filename}
+    names = {channel: _file_names(frame, pattern, metadata) for channel, pattern in patterns.items()}
     table = pd.DataFrame({key: frame[column].to_numpy() for key, column in columns.items()})
     table["concentration"] = table["concentration"].astype(float)
     table["site"] = table["site"].astype(int) if "site" in table else 1
@@ -403,11 +402,15 @@ def crops_table(images: str | os.PathLike, metadata: str | os.PathLike, *, colum
             table["batch"] = batch
         else:
             table["batch"] = "all"
-    table["source"] = [str(Path(images) / name) for name in names]
-    absent = [p for p in table["source"] if not Path(p).is_file()]
+    files = {channel: [str(Path(images) / name) for name in channel_names] for channel, channel_names in names.items()}
+    table["source"] = next(iter(files.values()))
+    absent = [p for paths in files.values() for p in paths if not Path(p).is_file()]
     if absent:
-        raise MetadataError(f"{metadata}: {len(absent)} of {len(table)} crop files are missing, e.g. {absent[:3]}")
-    _duplicates(table, ["source"], metadata, "the crop file")
+        raise MetadataError(f"{metadata}: {len(absent)} of {len(table) * len(files)} crop files are missing, "
+                            f"e.g. {absent[:3]}")
+    for channel, paths in files.items():
+        _duplicates(pd.DataFrame({"source": paths}), ["source"], metadata,
+                    f"channel {channel}'s file" if channel else "the crop file")
     table["field"] = table["plate"].astype(str) + "/" + table["well"].astype(str) + "/" + table["site"].astype(str)
     table["image_number"] = pd.factorize(table["field"])[0]
     table["treatment"] = table["compound"] + "_" + table["concentration"].map("{:g}".format)
@@ -416,7 +419,19 @@ def crops_table(images: str | os.PathLike, metadata: str | os.PathLike, *, colum
         f"{table['batch'].nunique()} batches")
     order = ["plate", "batch", "well", "site", "replicate", "compound", "concentration", "moa", "treatment",
              "image_number", "field", "source"]
+    if isinstance(filename, dict):
+        table["channel_files"] = [list(paths) for paths in zip(*files.values())]
+        order.append("channel_files")
     return table[order]
+
+
+def _file_names(frame: pd.DataFrame, pattern: str, metadata) -> list[str]:
+    """``pattern`` filled from each row of the metadata (its own column names, and ``index``)."""
+    try:
+        return [pattern.format(index=i, **row) for i, row in enumerate(frame.to_dict("records"))]
+    except (KeyError, IndexError, ValueError) as exc:
+        raise MetadataError(f"{metadata}: file name pattern {pattern!r} cannot be filled from its columns "
+                            f"({type(exc).__name__}: {exc}); columns are {list(frame.columns)} and 'index'") from None
 
 
 def write_crops_table(settings: dict, output: str | os.PathLike, log: Callable[[str], None] = stderr) -> pd.DataFrame:

@@ -591,3 +591,74 @@ def write_weights(out_dir: str | os.PathLike, files: dict[str, str], *, seed: in
         log(f"stand-in weights: {architecture} ({model.count_params():,} values) -> {path}")
         keras.backend.clear_session()
     return digests
+
+
+# --------------------------------------------------------------------------- multi-channel crops
+
+def render_organelles(rng: np.random.Generator, size: int, fragmented: bool) -> np.ndarray:
+    """One grey channel of a cell's organelle: many small dots (fragmented, as mitochondria under stress) or a few
+    long filaments (tubular), on 0..1."""
+    from skimage.draw import disk, line_aa
+
+    image = np.zeros((size, size), np.float32)
+    if fragmented:
+        for _ in range(rng.integers(18, 30)):
+            rr, cc = disk(tuple(rng.uniform(3, size - 3, 2)), rng.uniform(1.0, 2.0), shape=image.shape)
+            image[rr, cc] = rng.uniform(0.6, 1.0)
+    else:
+        for _ in range(rng.integers(3, 6)):
+            r0, c0, r1, c1 = rng.integers(2, size - 2, 4)
+            rr, cc, value = line_aa(r0, c0, r1, c1)
+            image[rr, cc] = np.maximum(image[rr, cc], value * rng.uniform(0.6, 1.0))
+    return image
+
+
+def write_multichannel_crops(out_dir: str | os.PathLike, channels: list[str], *, deciding: str, size: int = 64,
+                             compounds_per_moa: int = 2, wells_per_compound: int = 3, crops_per_well: int = 6,
+                             per_channel_files: bool = True, seed: int = 0) -> dict:
+    """A pre-cropped set of ``len(channels)`` channels whose two MoAs differ in one channel only (``deciding``:
+    fragmented dots against filaments), the others the same random cells for both, with its metadata table.
+
+    Written as one grey PNG per channel per crop (``per_channel_files``: Cell Painting's way) or one multi-page
+    TIFF per crop (one page per channel), under ``out_dir/images``, and ``out_dir/metadata.csv``.
+
+    Returns
+    -------
+    settings : dict
+        The config's ``crops.<name>`` section for it (``images``, ``metadata``, ``filename``, ``columns``,
+        ``channels``).
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for moa, fragmented in (("fragmenting", True), ("tubular", False)):
+        for c in range(compounds_per_moa):
+            for w in range(wells_per_compound):
+                for k in range(crops_per_well):
+                    stem = f"{moa[:4]}{c}_w{w}_{k}"
+                    planes = []
+                    for name in channels:
+                        if name == deciding:
+                            plane = render_organelles(rng, size, fragmented)
+                        else:   # the same kind of cell whatever the MoA: blobs and background noise
+                            plane = render_organelles(rng, size, rng.random() < 0.5) * 0.5
+                        plane = np.clip(plane + rng.normal(0.05, 0.03, plane.shape), 0, 1)
+                        planes.append((plane * 255).astype(np.uint8))
+                    if per_channel_files:
+                        for name, plane in zip(channels, planes):
+                            Image.fromarray(plane).save(out / "images" / f"{stem}_{name}.png")
+                    else:
+                        tifffile.imwrite(out / "images" / f"{stem}.tif", np.stack(planes))
+                    rows.append({"stem": stem, "compound": f"{moa}-{c}", "concentration": 1.0, "moa": moa,
+                                 "plate": f"P{w % 2}", "well": f"{'BCD'[w]}0{c + 2}", "replicate": w + 1})
+    with open(out / "metadata.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    filename = ({name: f"{{stem}}_{name}.png" for name in channels} if per_channel_files else "{stem}.tif")
+    return {"images": str(out / "images"), "metadata": str(out / "metadata.csv"), "filename": filename,
+            "columns": {k: k for k in ("compound", "concentration", "moa", "plate", "well", "replicate")},
+            "channels": list(channels)}

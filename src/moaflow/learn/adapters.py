@@ -69,12 +69,12 @@ def replicate_kernel(kernel: np.ndarray, channels: int) -> np.ndarray:
     --------
     >>> kernel = np.arange(6, dtype=np.float32).reshape(1, 1, 3, 2)
     >>> replicate_kernel(kernel, 6)[0, 0]
-    array([[1., 1.5],
-           [1., 1.5],
-           [1., 1.5],
-           [1., 1.5],
-           [1., 1.5],
-           [1., 1.5]], dtype=float32)
+    array([[1. , 1.5],
+           [1. , 1.5],
+           [1. , 1.5],
+           [1. , 1.5],
+           [1. , 1.5],
+           [1. , 1.5]], dtype=float32)
     """
     if kernel.ndim != 4 or kernel.shape[2] != 3:
         raise ValueError(f"a kernel of shape {kernel.shape}: expected (height, width, 3, filters)")

@@ -412,7 +412,7 @@ def _conclude_fold(trainer, fold: FoldRun, index, classes, seconds: float, *, hy
 def _write_fold_outputs(trainer, fold: FoldRun, frames: dict, index: pd.DataFrame, out_dir: Path,
                         occlusion: dict | None) -> None:
     """The inference model, the held-out crops' features and occlusion maps, the predictions and the history."""
-    from moaflow.analysis.interpretation import occlusion_maps
+    from moaflow.analysis.interpretation import channel_occlusion, occlusion_maps
     from moaflow.learn.feeder import predict
     from moaflow.learn.models import inference_model
 
@@ -428,9 +428,14 @@ def _write_fold_outputs(trainer, fold: FoldRun, frames: dict, index: pd.DataFram
         rows = test[:: max(1, len(test) // occlusion["examples"])][: occlusion["examples"]]
         targets = fold.labels[rows] if trainer.hyper["head"] == "softmax" else np.zeros(len(rows), int)
         batch = trainer.hyper["batch_size"]
-        maps = occlusion_maps(lambda x: predict(trainer.model, x, np.arange(len(x)), batch),
-                              np.asarray(trainer.store[rows]), targets, grid=occlusion["grid"])
-        np.savez(layout.fold_file(out_dir, "test_occlusion"), crop_id=index["crop_id"].to_numpy()[rows], maps=maps)
+        images = np.asarray(trainer.store[rows])
+
+        def predicted(x):
+            return predict(trainer.model, x, np.arange(len(x)), batch)
+
+        np.savez(layout.fold_file(out_dir, "test_occlusion"), crop_id=index["crop_id"].to_numpy()[rows],
+                 maps=occlusion_maps(predicted, images, targets, grid=occlusion["grid"]),
+                 channels=channel_occlusion(predicted, images, targets))
     for name, frame in frames.items():
         write_table(frame, layout.fold_file(out_dir, f"{name}_predictions"))
     write_table(pd.DataFrame(fold.history), layout.fold_file(out_dir, "history"))

@@ -36,11 +36,16 @@ def is_empty(above: np.ndarray, max_fraction: float = 0.002) -> bool:
 
 
 def resize_area(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Resize a (rows, columns[, channels]) uint8 image with ``cv2.resize(..., INTER_AREA)``, as the study did.
+    """Resize a (rows, columns[, channels]) uint8 image with ``cv2.resize(..., INTER_AREA)``, as the study did
+    (beyond four channels, each channel on its own).
 
     ``size`` is a square side or (rows, columns).
     """
     rows, columns = (size, size) if isinstance(size, int) else size
+    if image.ndim == 3 and image.shape[2] > 4:
+        # OpenCV's area resizing of more than four channels is not each channel's (measured: 6 channels differ
+        # from six grey resizes); each channel is resized as the grey image it is.
+        return np.stack([resize_area(image[..., c], (rows, columns)) for c in range(image.shape[2])], axis=-1)
     return cv2.resize(np.ascontiguousarray(image), (columns, rows), interpolation=cv2.INTER_AREA)
 
 

@@ -260,59 +260,91 @@ def preprocess_bbbc014_files(table: str | os.PathLike, output_dir: str | os.Path
     write_table(index, out / "index.parquet")
 
 
-def read_crop(path: str | os.PathLike) -> np.ndarray:
-    """One pre-cropped RGB image (PNG, or a 3-channel TIFF) as (rows, columns, 3) uint8."""
-    path = Path(path)
+def _read_image(path: Path) -> np.ndarray:
+    """A PNG (RGB, or grey) or TIFF file's pixels; a damaged file raises `VerificationError` naming it."""
     if path.suffix.lower() in (".tif", ".tiff"):
         try:
-            image = tifffile.imread(path)
+            return tifffile.imread(path)
         except Exception as exc:  # tifffile raises several types for damaged files
             raise VerificationError(f"{path}: cannot read TIFF ({type(exc).__name__}: {exc})") from exc
-    else:
-        from PIL import Image
+    from PIL import Image
 
-        try:
-            with Image.open(path) as opened:
-                if opened.mode not in ("RGB", "RGBA"):
-                    raise VerificationError(f"{path}: image mode {opened.mode}, expected 8-bit RGB")
-                image = np.asarray(opened.convert("RGB"))
-        except VerificationError:
-            raise
-        except Exception as exc:  # PIL raises several types for damaged files
-            raise VerificationError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise VerificationError(f"{path}: shape {image.shape} and type {image.dtype}, expected (rows, columns, 3) uint8")
+    try:
+        with Image.open(path) as opened:
+            if opened.mode not in ("RGB", "RGBA", "L"):
+                raise VerificationError(f"{path}: image mode {opened.mode}, expected 8-bit RGB or grey")
+            return np.asarray(opened.convert("RGB") if opened.mode == "RGBA" else opened)
+    except VerificationError:
+        raise
+    except Exception as exc:  # PIL raises several types for damaged files
+        raise VerificationError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+def read_crop(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
+    """One pre-cropped image as (rows, columns, channels) uint8: an RGB PNG (3 channels), or a TIFF holding
+    its channels last or as pages (a multi-page TIFF, one page per channel)."""
+    path = Path(path)
+    image = _read_image(path)
+    if image.ndim == 3 and image.shape[0] == channels and image.shape[-1] != channels:
+        image = np.moveaxis(image, 0, -1)   # pages: one per channel
+    if image.ndim == 2 and channels == 1:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] != channels or image.dtype != np.uint8:
+        raise VerificationError(f"{path}: shape {image.shape} and type {image.dtype}, expected (rows, columns, "
+                                f"{channels}) uint8 (or {channels} pages)")
     return image
 
 
-def preprocess_crops(table: pd.DataFrame, *, sizes: list[int], log: Callable[[str], None] | None = None
-                     ) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
+def read_channel_files(paths: list[str]) -> np.ndarray:
+    """One crop from one grey uint8 file per channel (Cell Painting's way) as (rows, columns, channels)."""
+    planes = []
+    for path in map(Path, paths):
+        plane = _read_image(path)
+        expected = planes[0].shape if planes else plane.shape   # every channel the size of the first
+        if plane.ndim != 2 or plane.dtype != np.uint8 or plane.shape != expected:
+            raise VerificationError(f"{path}: shape {plane.shape} and type {plane.dtype}, expected one grey uint8 "
+                                    f"channel of the size of the crop's first channel file ({paths[0]})")
+        planes.append(plane)
+    return np.stack(planes, axis=-1)
+
+
+def preprocess_crops(table: pd.DataFrame, *, sizes: list[int], channels: int = 3,
+                     log: Callable[[str], None] | None = None) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
     """A pre-cropped set resized (OpenCV INTER_AREA, as the study) to each square size, in table order.
 
-    Every crop must have the size of the first; channels stay as stored in the files.
+    Every crop must have the size of the first; channels stay as stored in the files: one file per crop
+    (``source``), or one per channel (``channel_files``, from `moaflow.datasets.tables.crops_table`).
     """
     log = log or (lambda _: None)
-    arrays = {size: np.empty((len(table), size, size, 3), np.uint8) for size in sizes}
+    arrays = {size: np.empty((len(table), size, size, channels), np.uint8) for size in sizes}
     shape = None
     step = max(1, len(table) // 10)
+    per_channel = table["channel_files"] if "channel_files" in table else None
     for n, path in enumerate(table["source"]):
-        image = read_crop(path)
+        if per_channel is not None:
+            files = list(per_channel.iloc[n])
+            if len(files) != channels:
+                raise VerificationError(f"{path}: {len(files)} channel files, expected {channels} (the crops "
+                                        "dataset's channels)")
+            image = read_channel_files(files)
+        else:
+            image = read_crop(path, channels)
         if shape is None:
             shape = image.shape
         elif image.shape != shape:
             raise VerificationError(f"{path}: size {image.shape[:2]}, the set's first crop has {shape[:2]}")
         for size in sizes:
-            arrays[size][n] = crops.resize_area(image, size)
+            arrays[size][n] = crops.resize_area(image, size).reshape(size, size, channels)
         if (n + 1) % step == 0 or n + 1 == len(table):
             log(f"{n + 1}/{len(table)} crops read and resized to {sizes}")
-    index = table.reset_index(drop=True).copy()
+    index = table.drop(columns=["channel_files"], errors="ignore").reset_index(drop=True).copy()
     index.insert(0, "crop_id", np.arange(len(index)))
     index["crop"] = 0
     return arrays, index
 
 
 def preprocess_crops_files(table: str | os.PathLike, output_dir: str | os.PathLike, *, sizes: list[int],
-                           log=stderr) -> None:
+                           channels: int = 3, log=stderr) -> None:
     """A pre-cropped set resized into the crop store (`preprocess_crops`): ``<output_dir>/<size>.npy`` and
     ``index.parquet``.
 
@@ -324,8 +356,10 @@ def preprocess_crops_files(table: str | os.PathLike, output_dir: str | os.PathLi
         The crop store's folder.
     sizes : list of int
         Square input sizes.
+    channels : int
+        The crops' channels (the config's ``crops.<name>.channels``).
     """
-    arrays, index = preprocess_crops(pd.read_parquet(table), sizes=sizes, log=log)
+    arrays, index = preprocess_crops(pd.read_parquet(table), sizes=sizes, channels=channels, log=log)
     out = Path(output_dir)
     for size, array in arrays.items():
         write_array(array, out / f"{size}.npy")
