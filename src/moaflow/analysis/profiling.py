@@ -38,8 +38,6 @@ from moaflow import layout
 from moaflow.files import save_figure, write_json, write_table
 from moaflow.logs import stderr
 
-#: Crops per forward pass when embedding (inference only: any size gives the same features).
-BATCH_SIZE = 64
 #: Identity columns of a crop, well and treatment profile.
 TREATMENT_KEYS = ["compound", "concentration"]
 WELL_KEYS = ["plate", "well"]
@@ -90,7 +88,7 @@ def embed(model, index: pd.DataFrame, store) -> pd.DataFrame:
     """``index`` with the features ``model`` gives every crop of ``store`` (``f_0 ... f_k``)."""
     from moaflow.learn.feeder import predict
 
-    features = predict(model, store, np.arange(len(index)), BATCH_SIZE)
+    features = predict(model, store, np.arange(len(index)))
     return pd.concat([index.reset_index(drop=True),
                       pd.DataFrame(features, columns=[f"f_{i}" for i in range(features.shape[1])])], axis=1)
 
@@ -250,7 +248,7 @@ def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index
         part, fingerprint = parts / f"{fold}.npz", _control_fingerprint(path, crops)
         statistics = _kept_statistics(part, fingerprint)
         if statistics is None:
-            features = predict(embedding_model(load_model(path)), store, np.arange(len(index)), BATCH_SIZE)
+            features = predict(embedding_model(load_model(path)), store, np.arange(len(index)))
             statistics = control_statistics(features, index["plate"])
             keras.backend.clear_session()   # one model at a time in memory
             with atomic_path(part) as tmp, open(tmp, "wb") as handle:
@@ -468,8 +466,7 @@ def _imagenet_sources(index, stores, imagenet_weights, inputs, method, control_i
         crops = embed(model, index, store)
         log(f"ImageNet features of {architecture}: {len(index)} crops")
         if method.needs_controls:
-            dmso = predict(model, open_store(control_stores[architecture], log=log), np.arange(len(control_index)),
-                           BATCH_SIZE)
+            dmso = predict(model, open_store(control_stores[architecture], log=log), np.arange(len(control_index)))
             log(f"ImageNet features of {architecture}: {len(control_index)} DMSO crops")
             crops = _normalised_to_controls(crops, {None: control_statistics(dmso, control_index["plate"])}, method,
                                             regularisation, source, log)

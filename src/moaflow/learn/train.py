@@ -413,7 +413,7 @@ def _write_fold_outputs(trainer, fold: FoldRun, frames: dict, index: pd.DataFram
                         occlusion: dict | None) -> None:
     """The inference model, the held-out crops' features and occlusion maps, the predictions and the history."""
     from moaflow.analysis.interpretation import channel_occlusion, occlusion_maps
-    from moaflow.learn.feeder import predict
+    from moaflow.learn.feeder import inference_batch, predict
     from moaflow.learn.models import inference_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -427,7 +427,7 @@ def _write_fold_outputs(trainer, fold: FoldRun, frames: dict, index: pd.DataFram
         # Occlusion maps of a few held-out crops (the report's interpretation), with the model still in memory.
         rows = test[:: max(1, len(test) // occlusion["examples"])][: occlusion["examples"]]
         targets = fold.labels[rows] if trainer.hyper["head"] == "softmax" else np.zeros(len(rows), int)
-        batch = trainer.hyper["batch_size"]
+        batch = inference_batch(trainer.hyper["batch_size"])
         images = np.asarray(trainer.store[rows])
 
         def predicted(x):

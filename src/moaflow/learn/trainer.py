@@ -18,7 +18,7 @@ import time
 import keras
 import numpy as np
 
-from moaflow.learn.feeder import CropBatches, predict
+from moaflow.learn.feeder import CropBatches, inference_batch, predict
 from moaflow.learn import adapters
 from moaflow.learn.models import StudyAugmentation, build_model, embedding_model, head_layers
 from moaflow.logs import rate
@@ -134,10 +134,10 @@ class Trainer:
         self.restore(self.initial)
 
     def predict(self, rows: np.ndarray) -> np.ndarray:
-        return predict(self.model, self.store, rows, self.hyper["batch_size"])
+        return predict(self.model, self.store, rows, inference_batch(self.hyper["batch_size"]))
 
     def embed(self, rows: np.ndarray) -> np.ndarray:
-        return predict(self.features, self.store, rows, self.hyper["batch_size"])
+        return predict(self.features, self.store, rows, inference_batch(self.hyper["batch_size"]))
 
     def batches(self, rows: np.ndarray, targets: np.ndarray, weights: np.ndarray | None, seed: int) -> CropBatches:
         """An epoch's shuffled full batches of the training rows (what ``network.fit`` reads)."""
@@ -155,7 +155,8 @@ class FrozenFeatures(Trainer):
 
     def _prepare(self, steps_per_epoch: int, log) -> None:
         started = time.monotonic()
-        self.cached = predict(self.features, self.store, np.arange(len(self.store)), self.hyper["batch_size"])
+        self.cached = predict(self.features, self.store, np.arange(len(self.store)),
+                              inference_batch(self.hyper["batch_size"]))
         log(f"frozen body: features of {len(self.store):,} crops computed once ({time.monotonic() - started:.0f} s); "
             "the head trains on them")
         inputs = x = keras.Input((self.cached.shape[1],), name="features")
