@@ -215,16 +215,18 @@ def check(config: dict) -> None:
             if name in crops and name not in config[section]:
                 raise ValueError(f"{section}.{name}: missing; a crops dataset needs its own {section} section")
     for name, spec in crops.items():
-        if isinstance(spec["filename"], dict) and list(spec["filename"]) != list(spec["channels"]):
-            raise ValueError(f"crops.{name}.filename names the channels {list(spec['filename'])}; crops.{name}.channels "
-                             f"is {list(spec['channels'])}: expected the same names in the same order")
+        # A mapping's order is not data (YAML writers sort keys): the files follow `channels`' order.
+        if isinstance(spec["filename"], dict) and sorted(spec["filename"]) != sorted(spec["channels"]):
+            raise ValueError(f"crops.{name}.filename names the channels {sorted(spec['filename'])}; crops.{name}."
+                             f"channels is {list(spec['channels'])}: expected a file name pattern for each channel")
     if normalises_to_controls(config):
         for name in moa_datasets(config):
-            if name in crops:
+            if name in crops and crops[name].get("control_compound") is None:
                 raise ValueError(
                     f"profiling.feature_normalisation: {config['profiling']['feature_normalisation']!r} normalises "
-                    f"profiles to each plate's DMSO crops, and the crops dataset {name!r} has none; set it to a "
-                    "normalisation without controls (none or standardize) for this run")
+                    f"profiles to each plate's DMSO crops, and the crops dataset {name!r} has none; name its "
+                    f"control (crops.{name}.control_compound) or set a normalisation without controls (none or "
+                    "standardize) for this run")
     initialisations = {i["name"] for i in config["training"]["initialisations"]}
     for name in config["datasets"]:
         for architecture, special in config["training"][name]["per_architecture"].items():

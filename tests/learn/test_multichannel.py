@@ -78,10 +78,10 @@ def test_the_config_names_the_same_channels_as_the_files():
 
     config = defaults()
     config["crops"] = {"paint": {"images": "i", "metadata": "m.csv", "filename": {"DNA": "{f}_1.png", "ER": "{f}_2.png"},
-                                 "columns": {}, "channels": ["ER", "DNA"]}}
+                                 "columns": {}, "channels": ["ER", "RNA"]}}
     config["datasets"] = ["paint"]
     config["training"]["paint"] = config["preprocess"]["paint"] = {}
-    with pytest.raises(ValueError, match=r"crops.paint.filename names the channels \['DNA', 'ER'\].*same order"):
+    with pytest.raises(ValueError, match=r"crops.paint.filename names the channels \['DNA', 'ER'\].*for each channel"):
         check(config)
 
 

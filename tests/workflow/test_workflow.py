@@ -404,3 +404,42 @@ def test_renaming_a_crops_datasets_channels_redoes_no_table(tmp_path):
     config["crops"]["lab_subset"]["channels"] = ["Hoechst", "tubulin", "actin"]
     dry = run_snakemake(tmp_path, config, "-n", "--until", "crops_table_lab_subset")
     assert re.search(r"^total\s+0$", dry.stdout, re.MULTILINE), dry.stdout[-3000:]     # no job to run
+
+
+def test_a_five_channel_crops_set_runs_to_profiles_normalised_to_its_dmso_crops(tmp_path):
+    """Cell Painting's five channels, one grey file per channel, DMSO wells on two plates: the chain from the
+    table to the report's figures; the DMSO crops never reach training and are what profiles are sphered to;
+    the occlusion figure names the five channels."""
+    from tests.learn.test_multichannel import CELL_PAINTING
+
+    settings = standin.write_multichannel_crops(tmp_path / "paint", CELL_PAINTING, deciding="Mito", crops_per_well=4,
+                                                control_wells=2, seed=2)
+    (tmp_path / "config").mkdir()   # the base the override is layered on, as from the repository
+    (tmp_path / "config" / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
+    config = {"datasets": ["paint"], "crops": {"paint": {**settings, "control_compound": "DMSO"}},
+              "preprocess": {"paint": {"input_sizes": [64]}},
+              "training": {"architectures": ["lab_cnn"], "initialisations": [{"name": "random", "weights": "none"}],
+                           "seeds": [0], "folds_per_job": None,
+                           "resources": {"gpu": 0, "threads": 2, "mem_mb": 3000, "runtime": 30},
+                           "paint": {"folds": {"variant": "loco", "validation_compounds": 0, "seed": 0},
+                                     "preset": "lab",
+                                     "hyperparameters": {"epochs": 8, "batch_size": 8, "class_weights": True},
+                                     "input_sizes": {"lab_cnn": 64}}},
+              "profiling": {"feature_normalisation": "dmso_sphere", "examples_per_moa": 1, "occlusion_grid": 2},
+              "tracking": {"log_models": False}}
+    run_snakemake(tmp_path, config)
+    results = tmp_path / "results" / "paint"
+    crops, dmso = (pd.read_parquet(results / kind / "index.parquet") for kind in ("crops", "dmso"))
+    assert set(dmso["compound"]) == {"DMSO"} and "DMSO" not in set(crops["compound"])
+    assert np.load(results / "crops" / "64.npy", mmap_mode="r").shape[1:] == (64, 64, 5)
+    assert np.load(results / "dmso" / "64.npy", mmap_mode="r").shape == (len(dmso), 64, 64, 5)
+    controls = np.load(results / "profiling" / "controls" / "lab_cnn" / "random" / "seed-0.npz")
+    assert set(controls["plates"]) == {"P0", "P1"} and len(controls["folds"]) == crops["compound"].nunique()
+    profile_log = (tmp_path / "results" / "logs" / "profiling" / "paint.log").read_text()
+    assert "features normalised to the DMSO crops" in profile_log, profile_log[-2000:]
+    assert (results / "profiling" / "nsc_nscb.csv").is_file()
+    occlusion = next((results / "models").rglob("test_occlusion.npz"))
+    assert np.load(occlusion)["channels"].shape[1] == 5
+    assert (results / "interpretation" / "lab_cnn_random.png").is_file()
+    summary = json.loads((results / "evaluation" / "summary.json").read_text())
+    assert summary["accuracy"]["lab_cnn/random"]["treatment"] >= 0.75, summary["accuracy"]   # 4 treatments, chance 0.5

@@ -316,6 +316,25 @@ def report_figures(dataset, level):
     ]
 
 
+def crops_table_settings(spec):
+    """What decides a crops dataset's table: its files and columns; one file per channel in `channels`' order."""
+    settings = {
+        k: spec[k]
+        for k in (
+            "images",
+            "metadata",
+            "separator",
+            "filename",
+            "columns",
+            "batch_pattern",
+        )
+        if k in spec
+    }
+    if isinstance(spec["filename"], dict):
+        settings["filename"] = {c: spec["filename"][c] for c in spec["channels"]}
+    return settings
+
+
 def profiling_inputs(dataset):
     """What profiling reads, by role; the step takes them as mappings, so they are params too."""
     controls = normalises_to_controls()

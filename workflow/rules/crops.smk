@@ -24,20 +24,10 @@ for _name, _crops in CROPS.items():
             runtime=10,
         params:
             step="table-crops",
-            # Only what decides the table's content: renaming the channels redoes nothing. A function:
-            # Snakemake would take the file name pattern's braces for wildcards.
-            settings=lambda wc, spec=_crops: {
-                k: spec[k]
-                for k in (
-                    "images",
-                    "metadata",
-                    "separator",
-                    "filename",
-                    "columns",
-                    "batch_pattern",
-                )
-                if k in spec
-            },
+            # Only what decides the table's content: renaming the channels of one file per crop redoes nothing
+            # (one file per channel follows `channels`' order). A function: Snakemake would take the file
+            # name pattern's braces for wildcards.
+            settings=lambda wc, spec=_crops: crops_table_settings(spec),
         script:
             STEP
 
@@ -48,6 +38,15 @@ for _name, _crops in CROPS.items():
             table=layout.image_table(_name),
         output:
             [layout.store(_name, s) for s in config["preprocess"][_name]["input_sizes"]],
+            (
+                [
+                    layout.store(_name, s, "dmso")
+                    for s in config["preprocess"][_name]["input_sizes"]
+                ]
+                + [layout.store_index(_name, "dmso")]
+                if _crops.get("control_compound")
+                else []
+            ),
             layout.store_index(_name),
         log:
             layout.log("preprocess", _name),
@@ -61,9 +60,11 @@ for _name, _crops in CROPS.items():
             runtime=30,
         params:
             step="preprocess-crops",
-            output_dir=lambda wc, output: os.path.dirname(output[-1]),
+            output_dir=os.path.dirname(layout.store_index(_name)),
             sizes=config["preprocess"][_name]["input_sizes"],
             channels=len(_crops["channels"]),
+            control_compound=_crops.get("control_compound"),
+            controls_dir=os.path.dirname(layout.store_index(_name, "dmso")),
         script:
             STEP
 

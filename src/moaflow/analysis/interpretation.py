@@ -109,7 +109,8 @@ def plot_maps(images: np.ndarray, maps: np.ndarray, labels: list[str], path, tit
         for c in range(channels):
             axes[row][c].imshow(image[..., c], cmap="gray")
             name = channel_names[c] if row == 0 else ""
-            drop = "" if channel_drops is None else f"{chr(10) if name else ''}blanked: -{channel_drops[row][c]:.2f}"
+            # the class probability's change when the channel is blanked (negative: the channel mattered)
+            drop = "" if channel_drops is None else f"{chr(10) if name else ''}blanked: {-channel_drops[row][c]:+.2f}"
             axes[row][c].set_title(name + drop, fontsize=7)
         axes[row][channels].imshow(image.mean(-1), cmap="gray")
         axes[row][channels].imshow(resize(heat, image.shape[:2], order=0), cmap="inferno", alpha=0.55)

@@ -615,11 +615,12 @@ def render_organelles(rng: np.random.Generator, size: int, fragmented: bool) -> 
 
 def write_multichannel_crops(out_dir: str | os.PathLike, channels: list[str], *, deciding: str, size: int = 64,
                              compounds_per_moa: int = 2, wells_per_compound: int = 3, crops_per_well: int = 6,
-                             per_channel_files: bool = True, seed: int = 0) -> dict:
+                             control_wells: int = 0, per_channel_files: bool = True, seed: int = 0) -> dict:
     """A pre-cropped set of ``len(channels)`` channels whose two MoAs differ in one channel only (``deciding``:
     fragmented dots against filaments), the others the same random cells for both, with its metadata table.
 
-    Written as one grey PNG per channel per crop (``per_channel_files``: Cell Painting's way) or one multi-page
+    ``control_wells`` wells of DMSO per plate (compound and MoA ``DMSO``, both kinds of cell in the deciding
+    channel) are added for profiling's normalisation. Written as one grey PNG per channel per crop (``per_channel_files``: Cell Painting's way) or one multi-page
     TIFF per crop (one page per channel), under ``out_dir/images``, and ``out_dir/metadata.csv``.
 
     Returns
@@ -634,26 +635,29 @@ def write_multichannel_crops(out_dir: str | os.PathLike, channels: list[str], *,
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
-    for moa, fragmented in (("fragmenting", True), ("tubular", False)):
-        for c in range(compounds_per_moa):
-            for w in range(wells_per_compound):
-                for k in range(crops_per_well):
-                    stem = f"{moa[:4]}{c}_w{w}_{k}"
-                    planes = []
-                    for name in channels:
-                        if name == deciding:
-                            plane = render_organelles(rng, size, fragmented)
-                        else:   # the same kind of cell whatever the MoA: blobs and background noise
-                            plane = render_organelles(rng, size, rng.random() < 0.5) * 0.5
-                        plane = np.clip(plane + rng.normal(0.05, 0.03, plane.shape), 0, 1)
-                        planes.append((plane * 255).astype(np.uint8))
-                    if per_channel_files:
-                        for name, plane in zip(channels, planes):
-                            Image.fromarray(plane).save(out / "images" / f"{stem}_{name}.png")
-                    else:
-                        tifffile.imwrite(out / "images" / f"{stem}.tif", np.stack(planes))
-                    rows.append({"stem": stem, "compound": f"{moa}-{c}", "concentration": 1.0, "moa": moa,
-                                 "plate": f"P{w % 2}", "well": f"{'BCD'[w]}0{c + 2}", "replicate": w + 1})
+    wells = [(moa, fragmented, f"{moa}-{c}", c, w) for moa, fragmented in (("fragmenting", True), ("tubular", False))
+             for c in range(compounds_per_moa) for w in range(wells_per_compound)]
+    wells += [("DMSO", None, "DMSO", 9, w) for w in range(2 * control_wells)]   # two plates: P0 and P1
+    for moa, fragmented, compound, c, w in wells:
+        for k in range(crops_per_well):
+            stem = f"{moa[:4]}{c}_w{w}_{k}"
+            planes = []
+            for name in channels:
+                if name == deciding:
+                    kind = rng.random() < 0.5 if fragmented is None else fragmented
+                    plane = render_organelles(rng, size, kind)
+                else:   # the same kind of cell whatever the MoA: blobs and background noise
+                    plane = render_organelles(rng, size, rng.random() < 0.5) * 0.5
+                plane = np.clip(plane + rng.normal(0.05, 0.03, plane.shape), 0, 1)
+                planes.append((plane * 255).astype(np.uint8))
+            if per_channel_files:
+                for name, plane in zip(channels, planes):
+                    Image.fromarray(plane).save(out / "images" / f"{stem}_{name}.png")
+            else:
+                tifffile.imwrite(out / "images" / f"{stem}.tif", np.stack(planes))
+            rows.append({"stem": stem, "compound": compound, "concentration": 0.0 if fragmented is None else 1.0,
+                         "moa": moa, "plate": f"P{w % 2}", "well": f"{'BCDEFG'[w]}{c + 2:02d}",
+                         "replicate": w + 1})
     with open(out / "metadata.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

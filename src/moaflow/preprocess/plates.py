@@ -344,9 +344,10 @@ def preprocess_crops(table: pd.DataFrame, *, sizes: list[int], channels: int = 3
 
 
 def preprocess_crops_files(table: str | os.PathLike, output_dir: str | os.PathLike, *, sizes: list[int],
-                           channels: int = 3, log=stderr) -> None:
+                           channels: int = 3, control_compound: str | None = None,
+                           controls_dir: str | os.PathLike | None = None, log=stderr) -> None:
     """A pre-cropped set resized into the crop store (`preprocess_crops`): ``<output_dir>/<size>.npy`` and
-    ``index.parquet``.
+    ``index.parquet``; with a ``control_compound``, its crops into a store of their own in ``controls_dir``.
 
     Parameters
     ----------
@@ -358,9 +359,30 @@ def preprocess_crops_files(table: str | os.PathLike, output_dir: str | os.PathLi
         Square input sizes.
     channels : int
         The crops' channels (the config's ``crops.<name>.channels``).
+    control_compound : str, optional
+        The negative control's compound name (``crops.<name>.control_compound``): its crops are not trained on;
+        they are what profiling normalises to.
+    controls_dir : path, optional
+        The control crops' store folder (needed with ``control_compound``).
+
+    Raises
+    ------
+    MetadataError
+        A control compound that no crop has, or no folder for its store.
     """
-    arrays, index = preprocess_crops(pd.read_parquet(table), sizes=sizes, channels=channels, log=log)
-    out = Path(output_dir)
-    for size, array in arrays.items():
-        write_array(array, out / f"{size}.npy")
-    write_table(index, out / "index.parquet")
+    frame = pd.read_parquet(table)
+    parts = {Path(output_dir): frame}
+    if control_compound is not None:
+        is_control = (frame["compound"] == control_compound).to_numpy()
+        if not is_control.any() or controls_dir is None:
+            raise MetadataError(f"{table}: control_compound {control_compound!r} (crops.<name>.control_compound) "
+                                f"{'names no crop' if not is_control.any() else 'needs controls_dir'}; compounds "
+                                f"are e.g. {sorted(frame['compound'].unique())[:5]}")
+        parts = {Path(output_dir): frame[~is_control], Path(controls_dir): frame[is_control]}
+        log(f"{table}: {is_control.sum()} crops of {control_compound} to {controls_dir}, {(~is_control).sum()} "
+            "treatment crops to train on")
+    for out, rows in parts.items():
+        arrays, index = preprocess_crops(rows, sizes=sizes, channels=channels, log=log)
+        for size, array in arrays.items():
+            write_array(array, out / f"{size}.npy")
+        write_table(index, out / "index.parquet")
