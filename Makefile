@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/moaflow demo --cores 2
 
 test: $(STAMP)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -rs
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -rs --durations=25
 
 rehearsal: $(STAMP)   # the study's plate map at full counts on a stand-in (README: Resources for the real study)
 	$(BIN)/moaflow rehearse
