@@ -1,5 +1,6 @@
 """Screens of more than three channels through the chain: crops table, store, training, occlusion by channel."""
 
+import pandas as pd
 import numpy as np
 import pytest
 
@@ -91,3 +92,34 @@ def test_more_than_four_channels_are_each_resized_as_the_grey_image_they_are():
     assert resized.shape == (20, 20, 6)
     for c in range(6):
         assert np.array_equal(resized[..., c], resize_area(image[..., c], 20))
+
+
+def test_sixteen_bit_channels_are_scaled_per_plate_to_their_control_crops(tmp_path):
+    """Cell Painting's files are 16-bit, and plates differ in brightness: with ``normalisation: percentile``
+    each plate's channels map its DMSO crops' 0.1-99.9 percentiles to 0-255, so a plate twice as bright stores
+    the same 8-bit crops; without it a 16-bit file is refused, naming it."""
+    import tifffile
+
+    from moaflow.errors import VerificationError
+    from moaflow.preprocess.plates import preprocess_crops_files
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(100, 4000, (6, 16, 16, 2))   # three crops per plate: DMSO, DMSO, treated
+    rows = []
+    for k in range(6):
+        plate, compound = f"P{k // 3}", ("DMSO" if k % 3 < 2 else "x")
+        gain = 2 if plate == "P1" else 1                # plate P1 imaged twice as bright
+        tifffile.imwrite(tmp_path / f"c{k}.tif", (base[k % 3] * gain).astype(np.uint16), photometric="minisblack")
+        rows.append({"compound": compound, "concentration": 1.0, "moa": "m", "plate": plate, "well": "B02",
+                     "replicate": 1, "source": str(tmp_path / f"c{k}.tif")})
+    pd.DataFrame(rows).to_parquet(tmp_path / "table.parquet")
+    preprocess_crops_files(tmp_path / "table.parquet", tmp_path / "crops", sizes=[16], channels=2,
+                           control_compound="DMSO", controls_dir=tmp_path / "dmso", normalisation="percentile",
+                           percentiles=(0.1, 99.9), log=lambda _: None)
+    dmso, treated = np.load(tmp_path / "dmso" / "16.npy"), np.load(tmp_path / "crops" / "16.npy")
+    assert dmso.dtype == np.uint8 and dmso.shape == (4, 16, 16, 2)
+    assert np.array_equal(dmso[:2], dmso[2:]) and np.array_equal(treated[0], treated[1])   # the plates agree
+    assert dmso.max() == 255 and dmso.min() == 0
+    with pytest.raises(VerificationError, match=r"c0\.tif.*uint16.*expected.*uint8"):
+        preprocess_crops_files(tmp_path / "table.parquet", tmp_path / "raw", sizes=[16], channels=2,
+                               log=lambda _: None)

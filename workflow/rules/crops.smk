@@ -64,6 +64,8 @@ for _name, _crops in CROPS.items():
             sizes=config["preprocess"][_name]["input_sizes"],
             channels=len(_crops["channels"]),
             control_compound=_crops.get("control_compound"),
+            normalisation=_crops["normalisation"],
+            percentiles=_crops["percentiles"],
             controls_dir=os.path.dirname(layout.store_index(_name, "dmso")),
         script:
             STEP

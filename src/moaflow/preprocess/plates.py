@@ -280,55 +280,93 @@ def _read_image(path: Path) -> np.ndarray:
         raise VerificationError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
 
 
-def read_crop(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
-    """One pre-cropped image as (rows, columns, channels) uint8: an RGB PNG (3 channels), or a TIFF holding
-    its channels last or as pages (a multi-page TIFF, one page per channel)."""
+#: Pixel types a crop file may have: 8-bit, or 16-bit when the set is normalised (``crops.<name>.normalisation``).
+EIGHT_BIT, ANY_DEPTH = (np.uint8,), (np.uint8, np.uint16)
+
+
+def read_crop(path: str | os.PathLike, channels: int = 3, depths: tuple = EIGHT_BIT) -> np.ndarray:
+    """One pre-cropped image as (rows, columns, channels) of one of ``depths``: an RGB PNG (3 channels), or a
+    TIFF holding its channels last or as pages (a multi-page TIFF, one page per channel)."""
     path = Path(path)
     image = _read_image(path)
     if image.ndim == 3 and image.shape[0] == channels and image.shape[-1] != channels:
         image = np.moveaxis(image, 0, -1)   # pages: one per channel
     if image.ndim == 2 and channels == 1:
         image = image[..., None]
-    if image.ndim != 3 or image.shape[-1] != channels or image.dtype != np.uint8:
+    if image.ndim != 3 or image.shape[-1] != channels or image.dtype not in depths:
         raise VerificationError(f"{path}: shape {image.shape} and type {image.dtype}, expected (rows, columns, "
-                                f"{channels}) uint8 (or {channels} pages)")
+                                f"{channels}) {'/'.join(np.dtype(d).name for d in depths)} (or {channels} pages)")
     return image
 
 
-def read_channel_files(paths: list[str]) -> np.ndarray:
-    """One crop from one grey uint8 file per channel (Cell Painting's way) as (rows, columns, channels)."""
+def read_channel_files(paths: list[str], depths: tuple = EIGHT_BIT) -> np.ndarray:
+    """One crop from one grey file per channel (Cell Painting's way) as (rows, columns, channels)."""
     planes = []
+    names = "/".join(np.dtype(d).name for d in depths)
     for path in map(Path, paths):
         plane = _read_image(path)
         expected = planes[0].shape if planes else plane.shape   # every channel the size of the first
-        if plane.ndim != 2 or plane.dtype != np.uint8 or plane.shape != expected:
-            raise VerificationError(f"{path}: shape {plane.shape} and type {plane.dtype}, expected one grey uint8 "
+        if plane.ndim != 2 or plane.dtype not in depths or plane.shape != expected:
+            raise VerificationError(f"{path}: shape {plane.shape} and type {plane.dtype}, expected one grey {names} "
                                     f"channel of the size of the crop's first channel file ({paths[0]})")
         planes.append(plane)
     return np.stack(planes, axis=-1)
 
 
-def preprocess_crops(table: pd.DataFrame, *, sizes: list[int], channels: int = 3,
+def _table_crop(table: pd.DataFrame, n: int, channels: int, depths: tuple) -> np.ndarray:
+    """Row ``n``'s crop: one file, or one per channel (``channel_files``)."""
+    path = table["source"].iloc[n]
+    if "channel_files" not in table:
+        return read_crop(path, channels, depths)
+    files = list(table["channel_files"].iloc[n])
+    if len(files) != channels:
+        raise VerificationError(f"{path}: {len(files)} channel files, expected {channels} (the crops "
+                                "dataset's channels)")
+    return read_channel_files(files, depths)
+
+
+def plate_percentiles(table: pd.DataFrame, reference: np.ndarray, *, channels: int,
+                      percentiles: tuple[float, float], sample: int = 200, seed: int = 0) -> dict:
+    """Per plate, each channel's low and high percentile over (a seeded sample of at most ``sample``) reference
+    crops of that plate (its control crops, or all of them): what `preprocess_crops` scales to 0 and 255.
+
+    Raises
+    ------
+    MetadataError
+        A plate without reference crops.
+    """
+    rng = np.random.default_rng(seed)
+    scaling = {}
+    for plate, rows in table.reset_index(drop=True).groupby("plate").groups.items():
+        rows = [r for r in rows if reference[r]]
+        if not rows:
+            raise MetadataError(f"plate {plate}: no reference crops to take its intensity percentiles from")
+        picked = rng.choice(rows, min(sample, len(rows)), replace=False)
+        pixels = np.stack([_table_crop(table.reset_index(drop=True), r, channels, ANY_DEPTH) for r in picked])
+        low, high = np.percentile(pixels.reshape(-1, channels).astype(np.float64), percentiles, axis=0)
+        scaling[plate] = (low, np.maximum(high, low + 1))
+    return scaling
+
+
+def preprocess_crops(table: pd.DataFrame, *, sizes: list[int], channels: int = 3, scaling: dict | None = None,
                      log: Callable[[str], None] | None = None) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
     """A pre-cropped set resized (OpenCV INTER_AREA, as the study) to each square size, in table order.
 
     Every crop must have the size of the first; channels stay as stored in the files: one file per crop
-    (``source``), or one per channel (``channel_files``, from `moaflow.datasets.tables.crops_table`).
+    (``source``), or one per channel (``channel_files``, from `moaflow.datasets.tables.crops_table`). Files are
+    8-bit, unless ``scaling`` (plate -> per-channel low and high, `plate_percentiles`) maps each channel of
+    8- or 16-bit crops linearly so that low is 0 and high 255, clipped.
     """
     log = log or (lambda _: None)
     arrays = {size: np.empty((len(table), size, size, channels), np.uint8) for size in sizes}
     shape = None
     step = max(1, len(table) // 10)
-    per_channel = table["channel_files"] if "channel_files" in table else None
+    table = table.reset_index(drop=True)
     for n, path in enumerate(table["source"]):
-        if per_channel is not None:
-            files = list(per_channel.iloc[n])
-            if len(files) != channels:
-                raise VerificationError(f"{path}: {len(files)} channel files, expected {channels} (the crops "
-                                        "dataset's channels)")
-            image = read_channel_files(files)
-        else:
-            image = read_crop(path, channels)
+        image = _table_crop(table, n, channels, EIGHT_BIT if scaling is None else ANY_DEPTH)
+        if scaling is not None:
+            low, high = scaling[table["plate"].iloc[n]]
+            image = np.clip((image.astype(np.float64) - low) / (high - low) * 255, 0, 255).astype(np.uint8)
         if shape is None:
             shape = image.shape
         elif image.shape != shape:
@@ -345,7 +383,8 @@ def preprocess_crops(table: pd.DataFrame, *, sizes: list[int], channels: int = 3
 
 def preprocess_crops_files(table: str | os.PathLike, output_dir: str | os.PathLike, *, sizes: list[int],
                            channels: int = 3, control_compound: str | None = None,
-                           controls_dir: str | os.PathLike | None = None, log=stderr) -> None:
+                           controls_dir: str | os.PathLike | None = None, normalisation: str = "none",
+                           percentiles: tuple[float, float] = (0.1, 99.9), log=stderr) -> None:
     """A pre-cropped set resized into the crop store (`preprocess_crops`): ``<output_dir>/<size>.npy`` and
     ``index.parquet``; with a ``control_compound``, its crops into a store of their own in ``controls_dir``.
 
@@ -364,25 +403,37 @@ def preprocess_crops_files(table: str | os.PathLike, output_dir: str | os.PathLi
         they are what profiling normalises to.
     controls_dir : path, optional
         The control crops' store folder (needed with ``control_compound``).
+    normalisation : {"none", "percentile"}
+        ``none``: the files are 8-bit, stored as they are. ``percentile``: each plate's channels scaled so that
+        the ``percentiles`` of its control crops (of all its crops without a control) are 0 and 255; 8- or
+        16-bit files (Cell Painting's are 16-bit).
 
     Raises
     ------
     MetadataError
         A control compound that no crop has, or no folder for its store.
     """
-    frame = pd.read_parquet(table)
+    frame = pd.read_parquet(table).reset_index(drop=True)
+    is_control = (frame["compound"] == control_compound).to_numpy()
+    if control_compound is not None and (not is_control.any() or controls_dir is None):
+        raise MetadataError(f"{table}: control_compound {control_compound!r} (crops.<name>.control_compound) "
+                            f"{'names no crop' if not is_control.any() else 'needs controls_dir'}; compounds "
+                            f"are e.g. {sorted(frame['compound'].unique())[:5]}")
+    scaling = None
+    if normalisation == "percentile":
+        reference = is_control if control_compound is not None else np.ones(len(frame), bool)
+        scaling = plate_percentiles(frame, reference, channels=channels, percentiles=tuple(percentiles))
+        log(f"{table}: each plate's channels scaled to its {'control ' if control_compound else ''}crops' "
+            f"{percentiles[0]:g}-{percentiles[1]:g} percentiles")
+    elif normalisation != "none":
+        raise ValueError(f"normalisation={normalisation!r}: expected 'none' or 'percentile'")
     parts = {Path(output_dir): frame}
     if control_compound is not None:
-        is_control = (frame["compound"] == control_compound).to_numpy()
-        if not is_control.any() or controls_dir is None:
-            raise MetadataError(f"{table}: control_compound {control_compound!r} (crops.<name>.control_compound) "
-                                f"{'names no crop' if not is_control.any() else 'needs controls_dir'}; compounds "
-                                f"are e.g. {sorted(frame['compound'].unique())[:5]}")
         parts = {Path(output_dir): frame[~is_control], Path(controls_dir): frame[is_control]}
         log(f"{table}: {is_control.sum()} crops of {control_compound} to {controls_dir}, {(~is_control).sum()} "
             "treatment crops to train on")
     for out, rows in parts.items():
-        arrays, index = preprocess_crops(rows, sizes=sizes, channels=channels, log=log)
+        arrays, index = preprocess_crops(rows, sizes=sizes, channels=channels, scaling=scaling, log=log)
         for size, array in arrays.items():
             write_array(array, out / f"{size}.npy")
         write_table(index, out / "index.parquet")
