@@ -337,12 +337,13 @@ def plate_percentiles(table: pd.DataFrame, reference: np.ndarray, *, channels: i
     """
     rng = np.random.default_rng(seed)
     scaling = {}
-    for plate, rows in table.reset_index(drop=True).groupby("plate").groups.items():
+    table = table.reset_index(drop=True)   # once: rows are positions below
+    for plate, rows in table.groupby("plate").groups.items():
         rows = [r for r in rows if reference[r]]
         if not rows:
             raise MetadataError(f"plate {plate}: no reference crops to take its intensity percentiles from")
         picked = rng.choice(rows, min(sample, len(rows)), replace=False)
-        pixels = np.stack([_table_crop(table.reset_index(drop=True), r, channels, ANY_DEPTH) for r in picked])
+        pixels = np.stack([_table_crop(table, r, channels, ANY_DEPTH) for r in picked])
         low, high = np.percentile(pixels.reshape(-1, channels).astype(np.float64), percentiles, axis=0)
         scaling[plate] = (low, np.maximum(high, low + 1))
     return scaling
