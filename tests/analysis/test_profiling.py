@@ -112,7 +112,8 @@ def test_every_query_is_embedded_by_the_fold_that_held_it_out(tmp_path):
         for k, plate in enumerate(statistics[fold]["plates"]):
             assert np.allclose(statistics[fold]["means"][k], features[(dmso_index["plate"] == plate).to_numpy()].mean(0),
                                atol=1e-4)
-        assert np.allclose(statistics[fold]["covariance"], _pooled_within_plate_covariance(
+        factor = statistics[fold]["factor"]   # fewer DMSO crops than features: the covariance's factor
+        assert np.allclose(factor.T @ factor, _pooled_within_plate_covariance(
             features, dmso_index["plate"].to_numpy()), rtol=1e-3, atol=1e-5)
     assert not np.allclose(statistics[names[0]]["means"], statistics[names[1]]["means"])   # two models, two spaces
 
@@ -135,7 +136,7 @@ def test_every_query_is_embedded_by_the_fold_that_held_it_out(tmp_path):
     assert "fold 2/2" in lines[1] and "embedded" in lines[1] and "kept" not in lines[1], lines
     resumed = profiling.read_control_statistics(output)
     for fold in names:
-        for key in ("means", "covariance"):
+        for key in ("means", "factor"):
             assert np.array_equal(resumed[fold][key], statistics[fold][key])
     assert not output.with_suffix(".folds").exists()   # the per-fold parts go once the job's file is written
     # ... but not when the crops changed since: a kept fold must come from the same model and the same pixels.
@@ -232,6 +233,27 @@ def test_sphering_at_the_default_regularisation_equals_an_independent_whitening(
     expected = (queries - np.stack([means[p] for p in query_plates])) @ whitening
     assert np.allclose(profiling.sphere_to_controls(queries, query_plates, statistics, regularisation),
                        expected.real, atol=1e-8)
+
+
+def test_fewer_dmso_crops_than_features_keep_a_factor_that_spheres_exactly_as_the_covariance_would():
+    """Five channels through ``per_channel`` give 5 x 1280 features from a few dozen DMSO crops: the covariance's
+    factor (N x D) is kept instead of the D x D covariance, and spheres to the same result without an
+    eigendecomposition of D x D."""
+    from scipy.linalg import fractional_matrix_power
+
+    rng = np.random.default_rng(3)
+    dmso, plates = rng.normal(size=(12, 40)), np.array(["p1"] * 6 + ["p2"] * 6)
+    statistics = profiling.control_statistics(dmso, plates)
+    assert "covariance" not in statistics and statistics["factor"].shape == (12, 40)
+    covariance = _pooled_within_plate_covariance(dmso, plates)
+    assert np.allclose(statistics["factor"].T @ statistics["factor"], covariance)
+    whitening = fractional_matrix_power(covariance + 0.01 * np.trace(covariance) / 40 * np.eye(40), -0.5).real
+    queries, query_plates = rng.normal(size=(7, 40)), np.array(["p1", "p2", "p1", "p2", "p1", "p2", "p1"])
+    means = {p: dmso[plates == p].mean(0) for p in ("p1", "p2")}
+    expected = (queries - np.stack([means[p] for p in query_plates])) @ whitening
+    assert np.allclose(profiling.sphere_to_controls(queries, query_plates, statistics, 0.01), expected, atol=1e-8)
+    with pytest.raises(ValueError, match="sphering_regularisation > 0"):
+        profiling.sphere_to_controls(queries, query_plates, statistics, 0)
 
 
 def test_a_plate_without_dmso_crops_is_named():

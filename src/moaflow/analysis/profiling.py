@@ -107,7 +107,10 @@ def control_statistics(features: np.ndarray, plates) -> dict[str, np.ndarray]:
     -------
     statistics : dict
         ``plates`` (P,), ``means`` (P, D) float64 and ``covariance`` (D, D)
-        float64 (of the features centred on their plate's mean, divided by N - P).
+        float64 (of the features centred on their plate's mean, divided by N - P); or, with fewer crops than
+        features (five channels' concatenated features, ``per_channel``), ``factor`` (N, D) instead, those
+        centred features divided by sqrt(N - P), whose Gram matrix is the covariance: smaller, and it spheres
+        exactly without a D x D eigendecomposition (`sphere_to_controls`).
     """
     features = np.asarray(features, dtype=np.float64)
     plates = np.asarray(plates).astype(str)
@@ -117,8 +120,10 @@ def control_statistics(features: np.ndarray, plates) -> dict[str, np.ndarray]:
     names, position = np.unique(plates, return_inverse=True)
     means = np.stack([features[position == k].mean(0) for k in range(len(names))])
     centred = features - means[position]
-    covariance = centred.T @ centred / max(len(features) - len(names), 1)
-    return {"plates": names, "means": means, "covariance": covariance}
+    scale = max(len(features) - len(names), 1)
+    if len(features) < features.shape[1]:
+        return {"plates": names, "means": means, "factor": centred / np.sqrt(scale)}
+    return {"plates": names, "means": means, "covariance": centred.T @ centred / scale}
 
 
 def sphering_matrix(covariance: np.ndarray, regularisation: float) -> np.ndarray:
@@ -162,8 +167,26 @@ def center_on_controls(features: np.ndarray, plates, statistics: dict, regularis
 
 
 def sphere_to_controls(features: np.ndarray, plates, statistics: dict, regularisation: float) -> np.ndarray:
-    """`center_on_controls`, then whitened with `sphering_matrix` of the DMSO covariance (``dmso_sphere``)."""
-    return center_on_controls(features, plates, statistics) @ sphering_matrix(statistics["covariance"], regularisation)
+    """`center_on_controls`, then whitened with `sphering_matrix` of the DMSO covariance (``dmso_sphere``).
+
+    From a covariance's ``factor`` (F, with covariance F^T F, of rank r < D) the same whitening is applied
+    without forming it: with F = U S V^T, the eigenvalues are S^2 on V's columns and 0 elsewhere, so
+    ``x W = x / sqrt(epsilon) + (x V) (1 / sqrt(S^2 + epsilon) - 1 / sqrt(epsilon)) V^T``.
+    """
+    centred = center_on_controls(features, plates, statistics)
+    if "covariance" in statistics:
+        return centred @ sphering_matrix(statistics["covariance"], regularisation)
+    if regularisation <= 0:
+        raise ValueError("the DMSO covariance is singular (fewer DMSO crops than features): sphering needs "
+                         "profiling.sphering_regularisation > 0")
+    factor = np.asarray(statistics["factor"], dtype=np.float64)
+    _, singular, vt = np.linalg.svd(factor, full_matrices=False)
+    eigenvalues = singular ** 2
+    epsilon = regularisation * eigenvalues.sum() / factor.shape[1]   # times the mean of all D eigenvalues
+    if epsilon <= 0:
+        raise ValueError("the DMSO features are constant: they cannot be sphered")
+    gain = 1 / np.sqrt(eigenvalues + epsilon) - 1 / np.sqrt(epsilon)
+    return centred / np.sqrt(epsilon) + ((centred @ vt.T) * gain) @ vt
 
 
 def standardize(values: np.ndarray) -> np.ndarray:
@@ -222,7 +245,7 @@ def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index
     crops must be embedded by that same model for the two to share a feature
     space. Only `control_statistics` are kept per fold (the plates' means and
     the covariance), in ``output`` (``.npz``: ``folds``, ``plates``, ``means``
-    (F, P, D), ``covariance`` (F, D, D)), written atomically.
+    (F, P, D), ``covariance`` (F, D, D) or its ``factor`` (F, N, D)), written atomically.
 
     A job stopped part-way (a cluster's time limit: 38 folds each embed every DMSO crop) continues where it
     stopped: each fold's statistics are first written to ``<output>.folds/<fold>.npz`` with the fingerprint of
@@ -236,7 +259,7 @@ def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index
     from moaflow.learn.models import embedding_model, load_model
 
     started, embedded = time.monotonic(), 0
-    gathered: dict[str, list] = {"means": [], "covariance": []}
+    gathered: dict[str, list] = {}
     plates = None
     names = list(folds["fold"])
     parts, crops = Path(output).with_suffix(".folds"), _crops_fingerprint(index, store)
@@ -259,15 +282,15 @@ def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index
             done = "kept from an earlier run (same model and crops)"
         if plates is None:
             plates = statistics["plates"]
-        for key in gathered:
-            gathered[key].append(statistics[key])
+        for key in statistics.keys() - {"plates"}:   # means, and the covariance or its factor
+            gathered.setdefault(key, []).append(statistics[key])
         eta = (time.monotonic() - started) / max(embedded, 1) * (len(names) - n) if embedded else 0
         log(f"{models_dir}: fold {n}/{len(names)} ({fold}): {len(index)} DMSO crops of {len(plates)} plate(s) "
             f"{done}, ETA {eta:.0f} s")
     with atomic_path(output) as tmp:
         with open(tmp, "wb") as handle:
-            np.savez(handle, folds=np.array(names), plates=plates, means=np.stack(gathered["means"]),
-                     covariance=np.stack(gathered["covariance"]).astype(np.float32))
+            np.savez(handle, folds=np.array(names), plates=plates, means=np.stack(gathered.pop("means")),
+                     **{key: np.stack(values).astype(np.float32) for key, values in gathered.items()})
     shutil.rmtree(parts, ignore_errors=True)
 
 
@@ -293,7 +316,7 @@ def _kept_statistics(part: Path, fingerprint: str) -> dict[str, np.ndarray] | No
     with np.load(part) as data:
         if str(data["fingerprint"]) != fingerprint:
             return None
-        return {key: data[key] for key in ("plates", "means", "covariance")}
+        return {key: data[key] for key in ("plates", "means", "covariance", "factor") if key in data}
 
 
 def embed_controls(models_dir: str | os.PathLike, folds: str | os.PathLike, index: str | os.PathLike,
@@ -329,7 +352,8 @@ def read_control_statistics(path: str | os.PathLike) -> dict[str, dict[str, np.n
     """`control_embeddings`'s file as fold name -> `control_statistics`."""
     with np.load(path) as data:
         # covariance stays float32 here (38 folds of 2048 x 2048 is 0.64 GB); sphering_matrix works in float64
-        return {str(fold): {"plates": data["plates"], "means": data["means"][k], "covariance": data["covariance"][k]}
+        spread = "covariance" if "covariance" in data else "factor"
+        return {str(fold): {"plates": data["plates"], "means": data["means"][k], spread: data[spread][k]}
                 for k, fold in enumerate(data["folds"])}
 
 
