@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint rehearsal clean-demo
+.PHONY: demo cellpainting-demo test bench lint rehearsal clean-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/moaflow demo --cores 2
+
+cellpainting-demo: $(STAMP)   # five-channel whole fields served and fetched (README: Screens of more than three channels)
+	$(BIN)/moaflow demo --configfile config/cellpainting_demo.yaml --cores 2
 
 test: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -rs --durations=25
@@ -30,4 +33,4 @@ lint: $(STAMP)
 	$(BIN)/snakemake --lint --configfile config/demo.yaml
 
 clean-demo:
-	rm -rf results/standin results/bbbc021 results/bbbc014
+	rm -rf results/standin results/bbbc021 results/bbbc014 results/standin-cellpainting results/cellpainting

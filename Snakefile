@@ -20,7 +20,6 @@ rule all:
     default_target: True
     input:
         all_targets(),
-        layout.resources(),
 
 
 # Where jobs run: fetching needs the internet, which cluster compute nodes often lack.

@@ -27,7 +27,8 @@ def _layered(name):
     return base
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "demo.yaml", "lab_subset.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "demo.yaml", "lab_subset.yaml", "rehearsal.yaml",
+                                  "cellpainting_demo.yaml"])
 def test_shipped_configs_are_valid(name):
     moaflow_config.validate(_layered(name))
 
@@ -192,3 +193,53 @@ def test_metadata_without_a_published_checksum_is_listed_as_unchecked():
     assert moaflow_config.unchecked_metadata(config) == ["BBBC021_v1_image.csv"]
     config["datasets"] = ["bbbc014"]
     assert moaflow_config.unchecked_metadata(config) == []
+
+
+def _with_crops(spec, **training):
+    config = moaflow_config.defaults()
+    config["crops"] = {"paint": {"filename": "{f}.tif", "columns": {}, **spec}}
+    config["datasets"] = ["paint"]
+    config["training"]["paint"] = {"per_architecture": {}, **training}
+    config["preprocess"]["paint"] = {"input_sizes": [64]}
+    config["training"]["architectures"] = ["lab_cnn"]
+    return config
+
+
+def test_a_crops_set_is_local_files_or_a_download_never_both_or_half():
+    download = {"base_urls": ["http://127.0.0.1:1/"], "metadata": "m.csv", "archives": ["P1.zip"]}
+    for spec, named in (({"images": "i", "metadata": "m.csv", "download": download}, "images.*download"),
+                        ({"images": "i"}, r"has \['images'\]"), ({}, "neither")):
+        with pytest.raises(ValueError, match=rf"crops.paint: give images and metadata.*{named}"):
+            moaflow_config.check(_with_crops(spec))
+    fetched = moaflow_config.crops_datasets(_with_crops({"download": download}))["paint"]
+    assert fetched["metadata"] == "results/paint/raw/m.csv" and fetched["images"] == "results/paint/images"
+    assert moaflow_config.archive_folders(fetched) == ["P1"]
+
+
+def test_a_downloaded_sets_metadata_is_pending_until_fetched_unless_a_folds_file_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    download = {"base_urls": ["http://127.0.0.1:1/"], "metadata": "m.csv", "archives": ["P1.zip"]}
+    assert moaflow_config.pending_downloads(_with_crops({"download": download})) == ["paint"]
+    assert moaflow_config.pending_downloads(_with_crops({"download": download}, folds_file="f.tsv")) == []
+    (tmp_path / "results" / "paint" / "raw").mkdir(parents=True)
+    (tmp_path / "results" / "paint" / "raw" / "m.csv.verified.json").write_text("{}")
+    assert moaflow_config.pending_downloads(_with_crops({"download": download})) == []
+
+
+def test_reversed_percentiles_are_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"crops.paint.percentiles: \[99.9, 0.1\]; expected the low"):
+        moaflow_config.check(_with_crops({"images": "i", "metadata": "m.csv", "percentiles": [99.9, 0.1]}))
+
+
+def test_an_initialisation_may_name_its_channel_adapter_over_the_architectures():
+    """One architecture under several adapters in one run: each an initialisation of its own."""
+    config = moaflow_config.validate(_layered("cellpainting_demo.yaml"))
+    assert moaflow_config.initialisation_hyperparameters(config, "imagenet_per_channel") == {
+        "channel_adapter": "per_channel"}
+    assert moaflow_config.initialisation_hyperparameters(config, "random") == {}
+    pairs, _ = moaflow_config.networks(config, "cellpainting")
+    assert pairs == [("lab_cnn", "random"), ("efficientnet_lite0", "imagenet_replicate"),
+                     ("efficientnet_lite0", "imagenet_per_channel"), ("efficientnet_lite0", "imagenet_project")]
+    config["training"]["initialisations"][1]["channel_adapter"] = "sideways"
+    with pytest.raises(WorkflowError, match="sideways"):
+        moaflow_config.validate(config)

@@ -130,8 +130,41 @@ def _hyperparameter_overrides(config: dict):
 
 
 def crops_datasets(config: dict) -> dict:
-    """The pre-cropped image sets (``crops:``) that this run trains on."""
-    return {name: spec for name, spec in config["crops"].items() if name in config["datasets"]}
+    """The pre-cropped image sets (``crops:``) that this run trains on; a downloaded one's ``images`` and
+    ``metadata`` are where its download puts them (`downloaded_files`)."""
+    return {name: {**spec, **downloaded_files(name, spec)} for name, spec in config["crops"].items()
+            if name in config["datasets"]}
+
+
+def downloaded_files(name: str, spec: dict) -> dict:
+    """Where a crops dataset's ``download`` puts its metadata table and extracted images (`moaflow.layout`):
+    ``images`` (each archive's folder below it) and ``metadata``; nothing for a set read from local files."""
+    from moaflow import layout
+
+    if not spec.get("download"):
+        return {}
+    return {"images": layout.images_dir(name), "metadata": layout.raw(name, spec["download"]["metadata"])}
+
+
+def pending_downloads(config: dict) -> list[str]:
+    """The downloaded crops datasets whose folds come from metadata not fetched yet (no folds file; its receipt
+    absent): Snakemake plans every job before it runs one, so a run then fetches those sets only."""
+    from moaflow import layout
+
+    return [name for name, spec in crops_datasets(config).items()
+            if spec.get("download") and not (config["training"].get(name) or {}).get("folds_file")
+            and not os.path.isfile(layout.receipt(spec["metadata"]))]
+
+
+def archive_folders(spec: dict) -> list[str]:
+    """The folders a downloaded crops dataset's archives extract to (each archive's name without ``.zip``)."""
+    return [archive[: -len(".zip")] for archive in spec["download"]["archives"]] if spec.get("download") else []
+
+
+def initialisation_hyperparameters(config: dict, init: str) -> dict:
+    """What an initialisation sets over the architecture's hyper-parameters: its ``channel_adapter``, if any."""
+    entry = next(i for i in config["training"]["initialisations"] if i["name"] == init)
+    return {"channel_adapter": entry["channel_adapter"]} if "channel_adapter" in entry else {}
 
 
 def moa_datasets(config: dict) -> list[str]:
@@ -214,6 +247,15 @@ def check(config: dict) -> None:
         for section in ("training", "preprocess"):
             if name in crops and name not in config[section]:
                 raise ValueError(f"{section}.{name}: missing; a crops dataset needs its own {section} section")
+    for name, spec in config["crops"].items():
+        local = [key for key in ("images", "metadata") if key in spec]
+        if bool(spec.get("download")) == bool(local) or (local and len(local) < 2):
+            raise ValueError(f"crops.{name}: give images and metadata (local files), or download (fetched); has "
+                             f"{local + (['download'] if spec.get('download') else []) or 'neither'}")
+        low, high = spec.get("percentiles", (0.1, 99.9))
+        if low >= high:
+            raise ValueError(f"crops.{name}.percentiles: [{low}, {high}]; expected the low percentile first, "
+                             "below the high one")
     for name, spec in crops.items():
         # A mapping's order is not data (YAML writers sort keys): the files follow `channels`' order.
         if isinstance(spec["filename"], dict) and sorted(spec["filename"]) != sorted(spec["channels"]):

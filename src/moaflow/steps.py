@@ -33,6 +33,7 @@ STEPS = {
     "fetch": "moaflow.datasets.download:download_file",
     "extract-bbbc021": "moaflow.datasets.download:extract_plate",
     "extract-bbbc014": "moaflow.datasets.download:extract_images",
+    "extract-crops": "moaflow.datasets.download:extract_crops_archive",
     "convert-weights": "moaflow.datasets.packaged:convert_weights",
     "table-bbbc021": "moaflow.datasets.tables:write_bbbc021_table",
     "table-bbbc014": "moaflow.datasets.tables:write_bbbc014_table",

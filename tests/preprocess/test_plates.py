@@ -203,3 +203,19 @@ def test_a_crop_of_another_size_is_named(tmp_path):
     table = pd.DataFrame({"source": [str(tmp_path / f"c{i}.png") for i in range(3)]})
     with pytest.raises(VerificationError, match=r"c2.png: size \(12, 12\)"):
         plates.preprocess_crops(table, sizes=[8])
+
+
+def test_a_crop_grid_cuts_each_file_into_its_crops_row_major(tmp_path):
+    """Whole fields (crops.<name>.crop_grid): each file's crops follow one another, ``crop`` their position."""
+    fields = [np.arange(16 * 24 * 3, dtype=np.uint8).reshape(16, 24, 3) + i for i in range(2)]
+    for i, field in enumerate(fields):
+        Image.fromarray(field).save(tmp_path / f"f{i}.png")
+    table = pd.DataFrame({"source": [str(tmp_path / f"f{i}.png") for i in range(2)], "plate": ["P1", "P2"]})
+    arrays, index = plates.preprocess_crops(table, sizes=[8], grid=(2, 3))
+    assert arrays[8].shape == (12, 8, 8, 3)
+    assert list(index["crop"]) == list(range(6)) * 2 and list(index["crop_id"]) == list(range(12))
+    assert list(index["plate"]) == ["P1"] * 6 + ["P2"] * 6
+    assert np.array_equal(arrays[8][5], fields[0][8:16, 16:24])   # the first file's last crop: bottom right
+    assert np.array_equal(arrays[8][7], fields[1][0:8, 8:16])     # the second file's second crop
+    whole, whole_index = plates.preprocess_crops(table, sizes=[8])   # (1, 1): one crop a file, as before
+    assert whole[8].shape == (2, 8, 8, 3) and list(whole_index["crop"]) == [0, 0]

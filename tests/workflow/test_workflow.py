@@ -406,40 +406,59 @@ def test_renaming_a_crops_datasets_channels_redoes_no_table(tmp_path):
     assert re.search(r"^total\s+0$", dry.stdout, re.MULTILINE), dry.stdout[-3000:]     # no job to run
 
 
-def test_a_five_channel_crops_set_runs_to_profiles_normalised_to_its_dmso_crops(tmp_path):
-    """Cell Painting's five channels, one grey file per channel, DMSO wells on two plates: the chain from the
-    table to the report's figures; the DMSO crops never reach training and are what profiles are sphered to;
-    the occlusion figure names the five channels."""
-    from tests.learn.test_multichannel import CELL_PAINTING
+def test_a_served_cell_painting_set_is_fetched_cut_and_profiled_against_its_dmso_wells(tmp_path):
+    """Cell Painting's five channels as whole 16-bit fields, one TIFF per channel per site, one zip a plate, fetched
+    over HTTP: the first run fetches only (the folds come from the metadata), the second runs the chain from the
+    table to the report's figures. The DMSO wells never reach training and are what plates are scaled and
+    profiles sphered to; the occlusion figure names the five channels; a third run has nothing to do."""
+    from moaflow.devtools import cellpainting
 
-    settings = standin.write_multichannel_crops(tmp_path / "paint", CELL_PAINTING, deciding="Mito", crops_per_well=4,
-                                                control_wells=2, seed=2)
+    files = cellpainting.write_cellpainting(tmp_path / "paint", plates=2, moas=2, compounds_per_moa=2,
+                                            concentrations=(10.0,), dmso_wells=1, sites=2, shape=(128, 128),
+                                            cells=8, cell_size=32, seed=3, log=lambda _: None)
     (tmp_path / "config").mkdir()   # the base the override is layered on, as from the repository
     (tmp_path / "config" / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
-    config = {"datasets": ["paint"], "crops": {"paint": {**settings, "control_compound": "DMSO"}},
-              "preprocess": {"paint": {"input_sizes": [64]}},
-              "training": {"architectures": ["lab_cnn"], "initialisations": [{"name": "random", "weights": "none"}],
-                           "seeds": [0], "folds_per_job": None,
-                           "resources": {"gpu": 0, "threads": 2, "mem_mb": 3000, "runtime": 30},
-                           "paint": {"folds": {"variant": "loco", "validation_compounds": 0, "seed": 0},
-                                     "preset": "lab",
-                                     "hyperparameters": {"epochs": 8, "batch_size": 8, "class_weights": True},
-                                     "input_sizes": {"lab_cnn": 64}}},
-              "profiling": {"feature_normalisation": "dmso_sphere", "examples_per_moa": 1, "occlusion_grid": 2},
-              "tracking": {"log_models": False}}
-    run_snakemake(tmp_path, config)
+    with StandinServer(tmp_path / "paint" / "www") as server:
+        spec = cellpainting.crops_settings(files, server.url + "CellPainting/")
+        config = {"datasets": ["paint"], "crops": {"paint": spec},
+                  "download": {"retries": 1, "backoff_seconds": 0.2, "timeout_seconds": 20},
+                  "preprocess": {"paint": {"input_sizes": [64]}},
+                  "training": {"architectures": ["lab_cnn"], "initialisations": [{"name": "random", "weights": "none"}],
+                               "seeds": [0], "folds_per_job": None,
+                               "resources": {"gpu": 0, "threads": 2, "mem_mb": 3000, "runtime": 30},
+                               "paint": {"folds": {"variant": "loco", "validation_compounds": 0, "seed": 0},
+                                         "preset": "lab",
+                                         "hyperparameters": {"epochs": 12, "batch_size": 8, "class_weights": True},
+                                         "input_sizes": {"lab_cnn": 64}}},
+                  "profiling": {"feature_normalisation": "dmso_sphere", "examples_per_moa": 1, "occlusion_grid": 2},
+                  "tracking": {"log_models": False}}
+        fetched = run_snakemake(tmp_path, config)
+        assert "FETCH ONLY: paint" in fetched.stderr, fetched.stderr[-3000:]
+        assert not (tmp_path / "results" / "paint" / "images.parquet").exists()
+        run_snakemake(tmp_path, config)
     results = tmp_path / "results" / "paint"
+    assert sorted(p.name for p in (results / "images").iterdir() if p.is_dir()) == ["CPSTANDIN001", "CPSTANDIN002"]
     crops, dmso = (pd.read_parquet(results / kind / "index.parquet") for kind in ("crops", "dmso"))
     assert set(dmso["compound"]) == {"DMSO"} and "DMSO" not in set(crops["compound"])
-    assert np.load(results / "crops" / "64.npy", mmap_mode="r").shape[1:] == (64, 64, 5)
+    assert len(crops) == 2 * 4 * 2 * 4 and set(crops["crop"]) == {0, 1, 2, 3}   # plates x wells x sites x grid
+    assert np.load(results / "crops" / "64.npy", mmap_mode="r").shape == (len(crops), 64, 64, 5)
     assert np.load(results / "dmso" / "64.npy", mmap_mode="r").shape == (len(dmso), 64, 64, 5)
     controls = np.load(results / "profiling" / "controls" / "lab_cnn" / "random" / "seed-0.npz")
-    assert set(controls["plates"]) == {"P0", "P1"} and len(controls["folds"]) == crops["compound"].nunique()
+    assert set(controls["plates"]) == {"CPSTANDIN001", "CPSTANDIN002"}
+    assert len(controls["folds"]) == crops["compound"].nunique()
     profile_log = (tmp_path / "results" / "logs" / "profiling" / "paint.log").read_text()
     assert "features normalised to the DMSO crops" in profile_log, profile_log[-2000:]
-    assert (results / "profiling" / "nsc_nscb.csv").is_file()
+    scores = pd.read_csv(results / "profiling" / "nsc_nscb.csv").set_index("score")
+    assert scores.loc["NSC", "scored"] == 4 and scores.loc["NSCB", "scored"] == 4, scores   # a MoA's compounds
+    # are on different plates (batches): every treatment has a neighbour of its MoA from another batch
     occlusion = next((results / "models").rglob("test_occlusion.npz"))
     assert np.load(occlusion)["channels"].shape[1] == 5
     assert (results / "interpretation" / "lab_cnn_random.png").is_file()
     summary = json.loads((results / "evaluation" / "summary.json").read_text())
     assert summary["accuracy"]["lab_cnn/random"]["treatment"] >= 0.75, summary["accuracy"]   # 4 treatments, chance 0.5
+    with StandinServer(tmp_path / "paint" / "www") as server:   # the same set at a new address: nothing fetched,
+        config["crops"]["paint"]["download"]["base_urls"] = [server.url + "CellPainting/"]   # cut or trained again
+        again = run_snakemake(tmp_path, config, "-n")
+    planned = re.findall(r"^(\w+)\s+\d+$", again.stdout, re.MULTILINE)
+    assert set(planned) <= {"track_mlflow", "resources_table", "all", "total"}, again.stdout[-3000:]   # the runs'
+    # MLflow tags name the configuration (its hash), which the new address changed

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sys
 from importlib import resources
 
@@ -93,6 +94,8 @@ def fold_names(dataset):
         from moaflow.learn.folds import dataset_folds
 
         spec = CROPS[dataset]
+        if dataset in PENDING:
+            return []  # this run only fetches the set (all_targets)
         table = crops_table(
             spec["images"],
             spec["metadata"],
@@ -101,7 +104,10 @@ def fold_names(dataset):
             separator=spec["separator"],
             batch_pattern=spec.get("batch_pattern"),
             log=lambda _: None,
+            check_files=not spec.get("download"),
         )
+        if spec.get("control_compound"):
+            table = table[table["compound"] != spec["control_compound"]]
         return list(dataset_folds(table, **TRAIN[dataset]["folds"])["fold"])
     with open(folds_file(dataset)) as handle:
         return [row["fold"] for row in csv.DictReader(handle, delimiter="\t")]
@@ -110,6 +116,8 @@ def fold_names(dataset):
 def fold_chunks(dataset):
     """The dataset's folds in groups of training.folds_per_job: chunk name -> fold names."""
     names = fold_names(dataset)
+    if not names:  # a set still to be fetched (PENDING)
+        return {}
     size = TRAIN["folds_per_job"] or len(names)
     chunks = [names[i : i + size] for i in range(0, len(names), size)]
     return {f"part-{i + 1:02d}-of-{len(chunks):02d}": c for i, c in enumerate(chunks)}
@@ -140,6 +148,15 @@ def networks(dataset):
             f"weights (moaflow.learn.architectures): {', '.join(left_out)}"
         )
     return pairs
+
+
+def network_hyperparameters(dataset, architecture, init):
+    """One network's hyper-parameters: the architecture's (preset, overrides), then what its initialisation
+    sets (a channel_adapter of its own)."""
+    return {
+        **presets.resolved(TRAIN[dataset], architecture),
+        **moaflow_config.initialisation_hyperparameters(config, init),
+    }
 
 
 def weights_file(init, architecture):
@@ -201,7 +218,35 @@ def control_statistics_files(dataset):
     }
 
 
+def download_targets(dataset):
+    """A downloaded crops dataset's fetched metadata and extracted archives (their receipts)."""
+    spec = CROPS[dataset]
+    return [receipt(spec["metadata"])] + [
+        receipt(os.path.join(spec["images"], folder))
+        for folder in moaflow_config.archive_folders(spec)
+    ]
+
+
+# Downloaded crops datasets whose folds come from metadata not fetched yet: Snakemake plans every job before
+# it runs one, so such a run fetches the sets only and says so; the same command again plans the study.
+PENDING = moaflow_config.pending_downloads(config)
+if PENDING:
+    logger.warning(
+        f"FETCH ONLY: {', '.join(PENDING)} generate their folds from metadata that is downloaded and not here "
+        "yet; this run fetches and extracts those sets only. Run the same command again to plan and run the "
+        "study (moaflow demo does so itself), or name a folds file (training.<dataset>.folds_file)."
+    )
+
+
 def all_targets():
+    """What `rule all` asks for: the whole study, and the resource table of what it cost (only the downloads
+    while a set's metadata is pending)."""
+    if PENDING:
+        return [t for ds in PENDING for t in download_targets(ds)]
+    return study_targets() + [layout.resources()]
+
+
+def study_targets():
     targets = []
     if "bbbc021" in DATASETS:
         targets.append(layout.store_index("bbbc021"))

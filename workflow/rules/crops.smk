@@ -3,13 +3,82 @@
 # the report are the same rules as for BBBC021. One rule per dataset: their input sizes differ.
 
 for _name, _crops in CROPS.items():
+    if _crops.get("download"):
+
+        # A downloaded set (crops.<name>.download): its metadata table and image archives fetched on the
+        # submit host like BBBC021's, each archive extracted to a folder of its own, verified, receipted.
+        rule:
+            name:
+                f"download_{_name}"
+            output:
+                destination=receipt(layout.raw(_name, "{filename}")),
+            log:
+                layout.log("download", f"{_name}_{{filename}}"),
+            benchmark:
+                layout.benchmark(f"download_{_name}", f"{_name}_{{filename}}")
+            wildcard_constraints:
+                filename="|".join(
+                    map(
+                        re.escape,
+                        [
+                            _crops["download"]["metadata"],
+                            *_crops["download"]["archives"],
+                        ],
+                    )
+                ),
+            localrule: True
+            conda:
+                "../../envs/moaflow.yaml"
+            threads: 1
+            resources:
+                downloads=1,
+                mem_mb=256,
+                runtime=240,
+            params:
+                step="fetch",
+                section=("crops", _name, "download"),
+                filename="{filename}",
+                published=lambda wc, spec=_crops: spec["download"]
+                .get("published_files", {})
+                .get(wc.filename),
+                kind=lambda wc: "zip" if wc.filename.endswith(".zip") else "text",
+            script:
+                "../scripts/fetch.py"
+
+        rule:
+            name:
+                f"extract_{_name}"
+            input:
+                archive=receipt(layout.raw(_name, "{folder}.zip")),
+            output:
+                target=receipt(os.path.join(_crops["images"], "{folder}")),
+            log:
+                layout.log("extract", f"{_name}_{{folder}}"),
+            benchmark:
+                layout.benchmark(f"extract_{_name}", f"{_name}_{{folder}}")
+            wildcard_constraints:
+                folder="|".join(map(re.escape, moaflow_config.archive_folders(_crops))),
+            conda:
+                "../../envs/moaflow.yaml"
+            threads: 1
+            resources:
+                mem_mb=1024,
+                runtime=60,
+            params:
+                step="extract-crops",
+                member_root="{folder}",
+            script:
+                "../scripts/extract.py"
 
     rule:
         name:
             f"crops_table_{_name}"
         input:
-            _crops["metadata"],
-            _crops["images"],
+            (
+                download_targets(_name)
+                if _crops.get("download")
+                else [_crops["metadata"], _crops["images"]]
+            ),
         output:
             output=layout.image_table(_name),
         log:
@@ -66,6 +135,7 @@ for _name, _crops in CROPS.items():
             control_compound=_crops.get("control_compound"),
             normalisation=_crops["normalisation"],
             percentiles=_crops["percentiles"],
+            grid=_crops["crop_grid"],
             controls_dir=os.path.dirname(layout.store_index(_name, "dmso")),
         script:
             STEP

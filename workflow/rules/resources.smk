@@ -4,7 +4,7 @@
 
 rule resources_table:
     input:
-        all_targets(),
+        study_targets(),
     output:
         output=report(
             layout.resources(),

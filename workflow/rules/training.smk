@@ -120,7 +120,7 @@ rule train:
         fold_names=lambda wc: fold_chunks(wc.dataset)[wc.chunk],
         architecture="{architecture}",
         weights=lambda wc: weights_file(wc.init, wc.architecture),
-        hyper=lambda wc: presets.resolved(TRAIN[wc.dataset], wc.architecture),
+        hyper=lambda wc: network_hyperparameters(wc.dataset, wc.architecture, wc.init),
         seed=lambda wc: int(wc.seed),
         dataset="{dataset}",
         init="{init}",

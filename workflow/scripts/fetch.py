@@ -5,5 +5,8 @@
 from moaflow.steps import run_job
 
 config = snakemake.config  # noqa: F821 - provided by Snakemake
-run_job(snakemake, {"base_urls": config[snakemake.params.section]["base_urls"],  # noqa: F821
-                    "settings": config["download"]}, not_arguments=("section",))
+section = snakemake.params.section  # noqa: F821 - the mirrors' section: bbbc021, or (crops, <name>, download)
+for key in [section] if isinstance(section, str) else section:
+    config = config[key]
+run_job(snakemake, {"base_urls": config["base_urls"],  # noqa: F821
+                    "settings": snakemake.config["download"]}, not_arguments=("section",))  # noqa: F821

@@ -29,10 +29,16 @@ def settings_of(config: dict) -> dict:
     architectures = trained_architectures(config, "bbbc021")
     training = config["training"]["bbbc021"]
     return {"preprocess": config["preprocess"]["bbbc021"],
-            "initialisations": [i["name"] if i["weights"] in ("imagenet", "none") else f"{i['name']} ({i['weights']})"
-                                for i in config["training"]["initialisations"]],
+            "initialisations": [_initialisation(i) for i in config["training"]["initialisations"]],
             "input_sizes": {a: input_size(config, "bbbc021", a) for a in architectures},
             "hyper": {a: resolved(training, a) for a in architectures}}
+
+
+def _initialisation(entry: dict) -> str:
+    """An initialisation as the table names it: its name, and its weights file and channel adapter if any."""
+    details = [entry["weights"]] if entry["weights"] not in ("imagenet", "none") else []
+    details += [f"channel_adapter {entry['channel_adapter']}"] if "channel_adapter" in entry else []
+    return f"{entry['name']} ({', '.join(details)})" if details else entry["name"]
 
 
 def _value(values: dict) -> str:

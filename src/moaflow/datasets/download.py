@@ -763,3 +763,49 @@ def extract_images(archive: str | os.PathLike, target: str | os.PathLike, *, mem
     write_receipt(manifest, layout.receipt(target), Path(target) / EXTRACT_MANIFEST)
     _release_archive(archive, settings, log)
     return manifest
+
+
+def extract_crops_archive(archive: str | os.PathLike, target: str | os.PathLike, *, member_root: str, settings: dict,
+                          log: Callable[[str], None] = _log_to_stderr) -> dict:
+    """Extract and verify one image archive of a downloaded crops dataset (``crops.<name>.download``) into
+    ``target`` and write its receipt beside it.
+
+    Parameters
+    ----------
+    archive : path
+        The downloaded zip; it holds the folder ``member_root/``.
+    target : path
+        That folder's place, replaced only by a verified extraction.
+    member_root : str
+        The folder inside the archive (the archive's name without ``.zip``).
+    settings : dict
+        The config's ``download`` section (``max_extracted_gb``, ``max_image_megapixels``, ``keep_archives``).
+    """
+    limits = _limits(settings)
+    manifest = extract_archive(archive, target, member_root=member_root,
+                               check_file=lambda p: _check_image_header(p, limits["max_pixels"]),
+                               max_bytes=limits["max_bytes"], archive_sha256=_archive_digest(archive), log=log)
+    if not manifest["files"]:
+        raise VerificationError(f"{archive}: no file under {member_root}/, expected the set's images there")
+    write_receipt(manifest, layout.receipt(target), Path(target) / EXTRACT_MANIFEST)
+    _release_archive(archive, settings, log)
+    return manifest
+
+
+def _check_image_header(path: Path, max_pixels: int) -> None:
+    """A TIFF's header, or a PNG's, read without decoding: readable and at most ``max_pixels``."""
+    from moaflow.datasets import images
+
+    if path.suffix.lower() in (".tif", ".tiff"):
+        shape, _ = images.tiff_header(path)
+        pixels = shape[0] * shape[1]   # a page: rows, columns[, samples]
+    else:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as opened:
+                pixels = opened.size[0] * opened.size[1]
+        except Exception as exc:  # PIL raises several types for damaged files
+            raise VerificationError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
+    if pixels > max_pixels:
+        raise VerificationError(f"{path}: {pixels:,} pixels, over download.max_image_megapixels ({max_pixels:,})")

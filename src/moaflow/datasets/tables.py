@@ -349,7 +349,7 @@ CROPS_OPTIONAL = ("site", "batch")
 
 def crops_table(images: str | os.PathLike, metadata: str | os.PathLike, *, columns: dict[str, str],
                 filename: str | dict[str, str], separator: str = ",", batch_pattern: str | None = None,
-                log: Callable[[str], None] = stderr) -> pd.DataFrame:
+                check_files: bool = True, log: Callable[[str], None] = stderr) -> pd.DataFrame:
     """One row per crop of a pre-cropped image set (PNG or TIFF files) with its metadata.
 
     Parameters
@@ -369,6 +369,8 @@ def crops_table(images: str | os.PathLike, metadata: str | os.PathLike, *, colum
     batch_pattern : str, optional
         A regular expression whose first group, applied to the plate name, is the batch
         (``"^(Week[0-9]+)_"``) when no batch column is mapped.
+    check_files : bool
+        Whether every file must exist (not when planning from a downloaded set's metadata alone).
 
     Returns
     -------
@@ -404,7 +406,7 @@ def crops_table(images: str | os.PathLike, metadata: str | os.PathLike, *, colum
             table["batch"] = "all"
     files = {channel: [str(Path(images) / name) for name in channel_names] for channel, channel_names in names.items()}
     table["source"] = next(iter(files.values()))
-    absent = [p for paths in files.values() for p in paths if not Path(p).is_file()]
+    absent = [p for paths in files.values() for p in paths if check_files and not Path(p).is_file()]
     if absent:
         raise MetadataError(f"{metadata}: {len(absent)} of {len(table) * len(files)} crop files are missing, "
                             f"e.g. {absent[:3]}")

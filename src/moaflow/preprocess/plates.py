@@ -350,17 +350,22 @@ def plate_percentiles(table: pd.DataFrame, reference: np.ndarray, *, channels: i
 
 
 def preprocess_crops(table: pd.DataFrame, *, sizes: list[int], channels: int = 3, scaling: dict | None = None,
-                     log: Callable[[str], None] | None = None) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
-    """A pre-cropped set resized (OpenCV INTER_AREA, as the study) to each square size, in table order.
+                     grid: tuple[int, int] = (1, 1), log: Callable[[str], None] | None = None
+                     ) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
+    """A set's files cut into ``grid`` crops and resized (OpenCV INTER_AREA, as the study) to each square size, in
+    table order.
 
-    Every crop must have the size of the first; channels stay as stored in the files: one file per crop
+    Every file must have the size of the first; channels stay as stored in the files: one file per crop
     (``source``), or one per channel (``channel_files``, from `moaflow.datasets.tables.crops_table`). Files are
     8-bit, unless ``scaling`` (plate -> per-channel low and high, `plate_percentiles`) maps each channel of
-    8- or 16-bit crops linearly so that low is 0 and high 255, clipped.
+    8- or 16-bit crops linearly so that low is 0 and high 255, clipped. With a ``grid`` of (rows, columns)
+    other than (1, 1) each file is a field cut like BBBC021's (`moaflow.preprocess.crops.crop_boxes`): its
+    crops follow one another row-major, ``crop`` giving the position.
     """
     log = log or (lambda _: None)
-    arrays = {size: np.empty((len(table), size, size, channels), np.uint8) for size in sizes}
-    shape = None
+    per_file = grid[0] * grid[1]
+    arrays = {size: np.empty((len(table) * per_file, size, size, channels), np.uint8) for size in sizes}
+    shape = boxes = None
     step = max(1, len(table) // 10)
     table = table.reset_index(drop=True)
     for n, path in enumerate(table["source"]):
@@ -369,23 +374,28 @@ def preprocess_crops(table: pd.DataFrame, *, sizes: list[int], channels: int = 3
             low, high = scaling[table["plate"].iloc[n]]
             image = np.clip((image.astype(np.float64) - low) / (high - low) * 255, 0, 255).astype(np.uint8)
         if shape is None:
-            shape = image.shape
+            shape, boxes = image.shape, crops.crop_boxes(image.shape[:2], grid)
         elif image.shape != shape:
-            raise VerificationError(f"{path}: size {image.shape[:2]}, the set's first crop has {shape[:2]}")
-        for size in sizes:
-            arrays[size][n] = crops.resize_area(image, size).reshape(size, size, channels)
+            raise VerificationError(f"{path}: size {image.shape[:2]}, the set's first file has {shape[:2]}")
+        for k, (rows, columns) in enumerate(boxes):
+            for size in sizes:
+                arrays[size][n * per_file + k] = crops.resize_area(image[rows, columns], size).reshape(
+                    size, size, channels)
         if (n + 1) % step == 0 or n + 1 == len(table):
-            log(f"{n + 1}/{len(table)} crops read and resized to {sizes}")
-    index = table.drop(columns=["channel_files"], errors="ignore").reset_index(drop=True).copy()
+            log(f"{n + 1}/{len(table)} files read{f', cut into {grid[0]}x{grid[1]} crops' if per_file > 1 else ''}"
+                f" and resized to {sizes}")
+    index = table.drop(columns=["channel_files"], errors="ignore").reset_index(drop=True)
+    index = index.loc[index.index.repeat(per_file)].reset_index(drop=True)
     index.insert(0, "crop_id", np.arange(len(index)))
-    index["crop"] = 0
+    index["crop"] = np.tile(np.arange(per_file), len(table))
     return arrays, index
 
 
 def preprocess_crops_files(table: str | os.PathLike, output_dir: str | os.PathLike, *, sizes: list[int],
                            channels: int = 3, control_compound: str | None = None,
                            controls_dir: str | os.PathLike | None = None, normalisation: str = "none",
-                           percentiles: tuple[float, float] = (0.1, 99.9), log=stderr) -> None:
+                           percentiles: tuple[float, float] = (0.1, 99.9), grid: tuple[int, int] = (1, 1),
+                           log=stderr) -> None:
     """A pre-cropped set resized into the crop store (`preprocess_crops`): ``<output_dir>/<size>.npy`` and
     ``index.parquet``; with a ``control_compound``, its crops into a store of their own in ``controls_dir``.
 
@@ -408,6 +418,10 @@ def preprocess_crops_files(table: str | os.PathLike, output_dir: str | os.PathLi
         ``none``: the files are 8-bit, stored as they are. ``percentile``: each plate's channels scaled so that
         the ``percentiles`` of its control crops (of all its crops without a control) are 0 and 255; 8- or
         16-bit files (Cell Painting's are 16-bit).
+    percentiles : pair of float
+        The low and high percentile of ``percentile`` normalisation.
+    grid : pair of int
+        Crops per file, (rows, columns) (``crops.<name>.crop_grid``): whole fields are cut like BBBC021's.
 
     Raises
     ------
@@ -434,7 +448,8 @@ def preprocess_crops_files(table: str | os.PathLike, output_dir: str | os.PathLi
         log(f"{table}: {is_control.sum()} crops of {control_compound} to {controls_dir}, {(~is_control).sum()} "
             "treatment crops to train on")
     for out, rows in parts.items():
-        arrays, index = preprocess_crops(rows, sizes=sizes, channels=channels, scaling=scaling, log=log)
+        arrays, index = preprocess_crops(rows, sizes=sizes, channels=channels, scaling=scaling, grid=tuple(grid),
+                                         log=log)
         for size, array in arrays.items():
             write_array(array, out / f"{size}.npy")
         write_table(index, out / "index.parquet")
