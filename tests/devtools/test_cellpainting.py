@@ -61,3 +61,22 @@ def test_the_compounds_of_a_moa_are_on_different_plates_so_that_nscb_can_be_scor
     for plates in (2, 3):
         for moa in range(3):
             assert len({cellpainting.plate_of(moa, compound, plates) for compound in range(2)}) == 2
+
+
+def test_the_demo_runs_the_workflow_twice_only_while_a_sets_metadata_is_still_to_be_fetched(tmp_path, monkeypatch):
+    """`moaflow demo` from any folder: the Cell Painting demo's layers name a set to fetch first; a BBBC demo's none."""
+    import yaml
+
+    from moaflow.devtools.demo import fetch_first
+
+    monkeypatch.chdir(tmp_path)   # no config/config.yaml here: the layers alone decide
+    layer = tmp_path / "paint.yaml"
+    spec = cellpainting.crops_settings({"metadata": "load_data.csv", "archives": ["P1.zip"]}, "http://127.0.0.1:1/")
+    layer.write_text(yaml.safe_dump({"datasets": ["paint"], "crops": {"paint": spec}}))
+    assert fetch_first([str(layer)]) == ["paint"]
+    (tmp_path / "results" / "paint" / "raw").mkdir(parents=True)
+    (tmp_path / "results" / "paint" / "raw" / "load_data.csv.verified.json").write_text("{}")
+    assert fetch_first([str(layer)]) == []
+    bbbc = tmp_path / "bbbc.yaml"
+    bbbc.write_text(yaml.safe_dump({"bbbc021": {"base_urls": ["http://127.0.0.1:1/"]}}))
+    assert fetch_first([str(bbbc)]) == []

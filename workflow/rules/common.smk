@@ -239,7 +239,7 @@ if PENDING:
 
 
 def all_targets():
-    """What `rule all` asks for: the whole study, and the resource table of what it cost (only the downloads
+    """The default target: the whole study, and the resource table of what it cost (only the downloads
     while a set's metadata is pending)."""
     if PENDING:
         return [t for ds in PENDING for t in download_targets(ds)]

@@ -53,16 +53,20 @@ def build_standin(settings: dict) -> Path:
 
 
 def fetch_first(layers: list[str]) -> list[str]:
-    """The crops datasets of these config layers (over config/config.yaml) whose metadata is still to be
-    fetched (`moaflow.config.pending_downloads`): the workflow's first run only fetches them."""
+    """The crops datasets of these config layers (over config/config.yaml, where there is one) whose metadata is
+    still to be fetched (`moaflow.config.pending_downloads`): the workflow's first run only fetches them."""
     from snakemake.utils import update_config
 
-    from moaflow.config import pending_downloads, validate
+    from moaflow.config import pending_downloads
 
     config: dict = {}
-    for path in ["config/config.yaml", *layers]:
+    for path in [p for p in ["config/config.yaml"] if Path(p).is_file()] + layers:
         update_config(config, yaml.safe_load(Path(path).read_text()) or {})
-    return pending_downloads(validate(config))
+    if not any((spec or {}).get("download") for spec in (config.get("crops") or {}).values()):
+        return []
+    config.setdefault("datasets", [])
+    config.setdefault("training", {})
+    return pending_downloads(config)
 
 
 def _build_bbbc(out: Path, wanted: dict) -> dict:
