@@ -252,7 +252,7 @@ def check(config: dict) -> None:
         if bool(spec.get("download")) == bool(local) or (local and len(local) < 2):
             raise ValueError(f"crops.{name}: give images and metadata (local files), or download (fetched); has "
                              f"{local + (['download'] if spec.get('download') else []) or 'neither'}")
-        low, high = spec.get("percentiles", (0.1, 99.9))
+        low, high = spec.get("percentiles") or (0, 100)   # absent before the schema's defaults are filled
         if low >= high:
             raise ValueError(f"crops.{name}.percentiles: [{low}, {high}]; expected the low percentile first, "
                              "below the high one")

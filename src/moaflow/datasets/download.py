@@ -797,15 +797,14 @@ def _check_image_header(path: Path, max_pixels: int) -> None:
     from moaflow.datasets import images
 
     if path.suffix.lower() in (".tif", ".tiff"):
-        shape, _ = images.tiff_header(path)
-        pixels = shape[0] * shape[1]   # a page: rows, columns[, samples]
-    else:
-        from PIL import Image
+        images.check_tiff_header(path, dtype=None, max_pixels=max_pixels)
+        return
+    from PIL import Image
 
-        try:
-            with Image.open(path) as opened:
-                pixels = opened.size[0] * opened.size[1]
-        except Exception as exc:  # PIL raises several types for damaged files
-            raise VerificationError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
+    try:
+        with Image.open(path) as opened:
+            pixels = opened.size[0] * opened.size[1]
+    except Exception as exc:  # PIL raises several types for damaged files
+        raise VerificationError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
     if pixels > max_pixels:
         raise VerificationError(f"{path}: {pixels:,} pixels, over download.max_image_megapixels ({max_pixels:,})")

@@ -42,9 +42,8 @@ def build_standin(settings: dict) -> Path:
         print(f"building the stand-in data in {out} ...", flush=True)
         layer = _build_bbbc(out, wanted) if "bbbc021" in wanted else {}
         if "cellpainting" in wanted:
-            options = dict(wanted["cellpainting"])
-            options["shape"] = tuple(options.get("shape", (256, 256)))
-            options["concentrations"] = tuple(options.get("concentrations", (1.0, 10.0)))
+            options = {key: tuple(value) if isinstance(value, list) else value   # YAML lists: the tuples it takes
+                       for key, value in wanted["cellpainting"].items()}
             files = cellpainting.write_cellpainting(out, **options)
             layer["crops"] = {"cellpainting": {"download": {"published_files": files["published_files"]}}}
         (out / "standin.yaml").write_text(yaml.safe_dump(layer))
