@@ -62,6 +62,7 @@ STEPS = {
     "bench-preprocess": "moaflow.devtools.bench:bench_preprocess",
     "bench-feeder": "moaflow.devtools.bench:bench_feeder",
     "bench-training": "moaflow.devtools.bench:bench_training",
+    "project": "moaflow.devtools.projection:project_study",
 }
 
 
