@@ -53,6 +53,7 @@ def runs(tmp_path):
     _benchmark(bench / "profile" / "bbbc021" / "a.tsv", 40)
     _benchmark(bench / "profile" / "bbbc021" / "b.tsv", 40)
     _benchmark(bench / "report_tables" / "report.tsv", 7)
+    _benchmark(bench / "interpret_bbbc021_small_imagenet" / "bbbc021.tsv", 11)
     _benchmark(fraction / "results" / "benchmarks" / "illumination_bbbc021" / "p.tsv", 30)
     _benchmark(fraction / "results" / "benchmarks" / "preprocess_bbbc021_plate" / "p.tsv", 50)
     _benchmark(fraction / "results" / "benchmarks" / "download_bbbc021_plate" / "p.tsv", 9999)
@@ -77,8 +78,9 @@ def test_the_projection_adds_measured_cpu_stages_to_gpu_work_scheduled_on_each_g
     assert hours[4, "DMSO embeddings (GPU)"] == pytest.approx(135)
     # profiling 80 job-seconds on 2 cores (40, its longest job), the report 7; training and BBBC014 left out
     assert hours[1, "after the models (CPU)"] == pytest.approx(47)
-    assert hours[4, "total"] == pytest.approx(400 + 95 + 135 + 47)
-    assert pd.read_csv(tmp_path / "p.csv").shape == (10, 4)
+    assert hours[1, "interpretation (CPU, rehearsal input sizes)"] == pytest.approx(11)
+    assert hours[4, "total"] == pytest.approx(400 + 95 + 135 + 11 + 47)
+    assert pd.read_csv(tmp_path / "p.csv").shape == (12, 4)
 
 
 def test_an_architecture_without_a_measured_rate_is_named(runs):
