@@ -89,6 +89,12 @@ def test_an_architecture_without_a_measured_rate_is_named(runs):
         project_study(full, fraction, {"small": RATES["small"]})
 
 
+def test_a_rate_without_its_fixed_cost_is_named(runs):
+    full, fraction = runs
+    with pytest.raises(ValueError, match=r"gpu_rates\['small'\].*fixed_seconds"):
+        project_study(full, fraction, {**RATES, "small": {"images_per_second": 10}})
+
+
 def test_an_unfinished_run_is_refused(runs):
     full, fraction = runs
     (full / "results" / "bbbc021" / "crops" / "index.parquet").unlink()

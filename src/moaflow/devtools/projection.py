@@ -138,6 +138,12 @@ def project_study(full_run: str | os.PathLike, fraction_run: str | os.PathLike, 
     if unknown:
         raise ValueError(f"gpu_rates: no measured rate for {', '.join(unknown)} (expected keys "
                          f"images_per_second and fixed_seconds per architecture)")
+    for architecture in set(jobs["architecture"]):
+        rate = gpu_rates[architecture]
+        if not isinstance(rate, dict) or not all(isinstance(rate.get(key), (int, float)) and rate[key] > 0
+                                                 for key in ("images_per_second", "fixed_seconds")):
+            raise ValueError(f"gpu_rates[{architecture!r}] = {rate!r}: expected positive numbers "
+                             "images_per_second and fixed_seconds")
     train_crops = full["crops"] * (full["folds"] - 1) / full["folds"]
     training, embedding = [], []
     for (architecture, init), group in jobs.groupby(["architecture", "init"]):
