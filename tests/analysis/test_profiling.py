@@ -326,3 +326,20 @@ def test_non_finite_features_are_refused_not_scored(tmp_path):
                                   tmp_path / "out", seed=0, statistic="mean", feature_normalisation="none",
                                   sphering_regularisation=0.01, inputs={}, root=tmp_path, log=lambda _: None)
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_reading_the_dmso_statistics_holds_one_copy_of_every_folds_covariance(tmp_path):
+    import tracemalloc
+
+    folds, plates, features = 20, 3, 300
+    rng = np.random.default_rng(0)
+    covariance = rng.random((folds, features, features), dtype=np.float32)
+    np.savez(tmp_path / "controls.npz", folds=np.array([f"f{k}" for k in range(folds)]),
+             plates=np.array(["p1", "p2", "p3"]), means=rng.random((folds, plates, features)), covariance=covariance)
+    tracemalloc.start()
+    statistics = profiling.read_control_statistics(tmp_path / "controls.npz")
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert np.array_equal(statistics["f7"]["covariance"], covariance[7])
+    # a fold's slice must not keep its own copy of all folds alive (20 copies here; 38 x 0.64 GB in the study)
+    assert held < 2 * covariance.nbytes

@@ -353,7 +353,10 @@ def read_control_statistics(path: str | os.PathLike) -> dict[str, dict[str, np.n
     with np.load(path) as data:
         # covariance stays float32 here (38 folds of 2048 x 2048 is 0.64 GB); sphering_matrix works in float64
         spread = "covariance" if "covariance" in data else "factor"
-        return {str(fold): {"plates": data["plates"], "means": data["means"][k], spread: data[spread][k]}
+        # each data[key] reads the whole array again: read each once, or every fold's slice would keep its own
+        # copy of all folds alive (38 x 0.64 GB: the full-count rehearsal's profiling job was killed at 24 GB)
+        plates, means, spreads = data["plates"], data["means"], data[spread]
+        return {str(fold): {"plates": plates, "means": means[k], spread: spreads[k]}
                 for k, fold in enumerate(data["folds"])}
 
 
