@@ -90,6 +90,29 @@ def _training_jobs(run: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _gpu_jobs(jobs: pd.DataFrame, gpu_rates: dict, full: dict, epochs: int) -> tuple[list, list]:
+    """Seconds of each training job and of each network's DMSO embedding job at the measured GPU rates."""
+    unknown = sorted(set(jobs["architecture"]) - set(gpu_rates))
+    if unknown:
+        raise ValueError(f"gpu_rates: no measured rate for {', '.join(unknown)} (expected keys "
+                         f"images_per_second and fixed_seconds per architecture)")
+    for architecture in set(jobs["architecture"]):
+        rate = gpu_rates[architecture]
+        if not isinstance(rate, dict) or not all(isinstance(rate.get(key), (int, float)) and rate[key] > 0
+                                                 for key in ("images_per_second", "fixed_seconds")):
+            raise ValueError(f"gpu_rates[{architecture!r}] = {rate!r}: expected positive numbers "
+                             "images_per_second and fixed_seconds")
+    train_crops = full["crops"] * (full["folds"] - 1) / full["folds"]
+    training, embedding = [], []
+    for (architecture, init), group in jobs.groupby(["architecture", "init"]):
+        rate = gpu_rates[architecture]
+        for folds in group["folds"]:
+            training.append(training_job_seconds(rate["images_per_second"], rate["fixed_seconds"], folds, epochs,
+                                                 train_crops))
+        embedding.append(rate["fixed_seconds"] + full["folds"] * full["dmso_crops"] / rate["images_per_second"])
+    return training, embedding
+
+
 def project_study(full_run: str | os.PathLike, fraction_run: str | os.PathLike, gpu_rates: dict,
                   gpus: list[int] = (1, 4, 8, 24), cores: int = 16, epochs: int = 10,
                   out: str | None = None) -> pd.DataFrame:
@@ -133,25 +156,7 @@ def project_study(full_run: str | os.PathLike, fraction_run: str | os.PathLike, 
     interpretation = after[after["rule"].str.startswith("interpret_")]
     after = after[~after["rule"].str.startswith("interpret_")]
 
-    jobs = _training_jobs(full_run)
-    unknown = sorted(set(jobs["architecture"]) - set(gpu_rates))
-    if unknown:
-        raise ValueError(f"gpu_rates: no measured rate for {', '.join(unknown)} (expected keys "
-                         f"images_per_second and fixed_seconds per architecture)")
-    for architecture in set(jobs["architecture"]):
-        rate = gpu_rates[architecture]
-        if not isinstance(rate, dict) or not all(isinstance(rate.get(key), (int, float)) and rate[key] > 0
-                                                 for key in ("images_per_second", "fixed_seconds")):
-            raise ValueError(f"gpu_rates[{architecture!r}] = {rate!r}: expected positive numbers "
-                             "images_per_second and fixed_seconds")
-    train_crops = full["crops"] * (full["folds"] - 1) / full["folds"]
-    training, embedding = [], []
-    for (architecture, init), group in jobs.groupby(["architecture", "init"]):
-        rate = gpu_rates[architecture]
-        for folds in group["folds"]:
-            training.append(training_job_seconds(rate["images_per_second"], rate["fixed_seconds"], folds, epochs,
-                                                 train_crops))
-        embedding.append(rate["fixed_seconds"] + full["folds"] * full["dmso_crops"] / rate["images_per_second"])
+    training, embedding = _gpu_jobs(_training_jobs(full_run), gpu_rates, full, epochs)
 
     rows = []
     for count in gpus:
