@@ -19,7 +19,6 @@ Snakemake's deletion of outputs before a rerun never touches the data itself.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import re
@@ -37,7 +36,7 @@ from pathlib import Path, PurePosixPath
 
 from moaflow import layout
 from moaflow.errors import DownloadError, VerificationError
-from moaflow.files import replace_folder, restore_folder, write_json
+from moaflow.files import file_digest, replace_folder, restore_folder, write_json
 
 __all__ = ["DownloadError", "VerificationError", "fetch", "extract_archive", "verify_zip", "verify_csv",
            "verify_text", "file_digest", "urls_for"]
@@ -93,15 +92,6 @@ class Progress:
 
 
 # ------------------------------------------------------------------ content checks
-
-def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
-    """Hex digest of a file, read in 4 MB blocks."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def verify_zip(path: str | os.PathLike) -> str:
     """Check that ``path`` is a zip archive whose every member passes its CRC-32.

@@ -11,7 +11,7 @@ Each fold writes its outputs atomically into its own folder
 optimizer state, loads in plain Keras), the history, the held-out and
 validation predictions, the held-out crops' pooled features (for profiling)
 and occlusion maps of a few of them. A fold whose ``run.json`` carries the
-same fingerprint (settings, data and code) is kept when a job reruns; a fold
+same fingerprint (settings, the data by content, code) is kept when a job reruns; a fold
 killed mid-way resumes from its last checkpoint (`moaflow.learn.checkpoints`).
 
 This module imports no framework at load time: the job first sets up its
@@ -37,7 +37,7 @@ import pandas as pd
 
 from moaflow import layout
 from moaflow.errors import MoaflowError
-from moaflow.files import atomic_path, write_array, write_json, write_table
+from moaflow.files import atomic_path, file_digest, write_array, write_json, write_table
 from moaflow.learn import folds as folds_module
 from moaflow.learn.checkpoints import FoldCheckpoint
 from moaflow.learn.devices import CompilationCache, check_devices, prepare_environment
@@ -58,8 +58,9 @@ def _now() -> str:
 
 
 def _file_identity(path) -> dict:
-    stat = Path(path).stat()
-    return {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    """A data file by content, not by modification time: a gather that rewrites the same crops (one plate's
+    crops redone) must leave every fold's fingerprint as it was, or every fold would train again."""
+    return {"path": str(path), "bytes": Path(path).stat().st_size, "blake2b": file_digest(path, "blake2b")}
 
 
 def fingerprint(**parts) -> str:
