@@ -28,6 +28,9 @@ FOLD_FILES = {
     "test_embeddings": "test_embeddings.npy",
     "test_occlusion": "test_occlusion.npz",
     "run": "run.json",
+    # written later, by the DMSO embedding job (`moaflow.analysis.profiling.control_embeddings`): kept with
+    # the model it came from, so a rerun that keeps the fold keeps them too
+    "dmso_statistics": "dmso_statistics.npz",
 }
 
 
@@ -156,8 +159,9 @@ def profiling(dataset, name="", root=ROOT) -> str:
 
 
 def control_statistics(dataset, architecture, init, seed, root=ROOT) -> str:
-    """Each fold model's DMSO statistics (per-plate means, covariance) for profiling."""
-    return _join(root, dataset, "profiling", "controls", architecture, init, f"seed-{seed}.npz")
+    """Which DMSO statistics profiling reads, per fold (each fold's own file beside its model, and its
+    fingerprint): the embed_controls rule's output."""
+    return _join(root, dataset, "profiling", "controls", architecture, init, f"seed-{seed}.json")
 
 
 def interpretation(dataset, architecture, init, root=ROOT) -> str:

@@ -1,13 +1,15 @@
 """NSC / NSCB nearest-neighbour scores on hand-made profiles, and fold-correct embeddings."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from pathlib import Path
-
 from moaflow import layout
 from moaflow.analysis import profiling
+from moaflow.files import write_json
 from moaflow.learn import folds
 
 from tests.conftest import DEFAULTS, JOB, build_crop_store, flags
@@ -103,11 +105,12 @@ def test_every_query_is_embedded_by_the_fold_that_held_it_out(tmp_path):
     dmso_index = pd.read_parquet(tmp_path / "dmso" / "index.parquet")
     assert set(dmso_index["compound"]) == {"DMSO"} and set(dmso_index["plate"]) == set(index["plate"])
     dmso = np.load(tmp_path / "dmso" / "64.npy")
-    profiling.control_embeddings(tmp_path / "models", table.head(2), dmso_index, dmso, tmp_path / "controls.npz",
-                                 log=lambda _: None)
-    statistics = profiling.read_control_statistics(tmp_path / "controls.npz")
+    output = tmp_path / "controls.json"
+    profiling.control_embeddings(tmp_path / "models", table.head(2), dmso_index, dmso, output, log=lambda _: None)
+    statistics = profiling.read_control_statistics(output)
     assert list(statistics) == names
     for fold in names:
+        assert (tmp_path / "models" / fold / "dmso_statistics.npz").is_file()   # beside the model it came from
         features = embedding_model(load_model(tmp_path / "models" / fold / "model.keras")).predict(dmso, verbose=0)
         for k, plate in enumerate(statistics[fold]["plates"]):
             assert np.allclose(statistics[fold]["means"][k], features[(dmso_index["plate"] == plate).to_numpy()].mean(0),
@@ -117,7 +120,29 @@ def test_every_query_is_embedded_by_the_fold_that_held_it_out(tmp_path):
             features, dmso_index["plate"].to_numpy()), rtol=1e-3, atol=1e-5)
     assert not np.allclose(statistics[names[0]]["means"], statistics[names[1]]["means"])   # two models, two spaces
 
-    # A job stopped after its first fold continues there: that fold is kept, not embedded again ...
+    # Run again (Snakemake removes the output first: its inputs were rewritten with the same content, e.g. one
+    # plate's crops redone and every training job keeping its folds): nothing is embedded again ...
+    output.unlink()
+    lines = []
+    profiling.control_embeddings(tmp_path / "models", table.head(2), dmso_index, dmso, output, log=lines.append)
+    assert all("kept (same model and crops)" in line for line in lines[:2]) and "0 embedded, 2 kept" in lines[2]
+    resumed = profiling.read_control_statistics(output)
+    for fold in names:
+        for key in ("means", "factor"):
+            assert np.array_equal(resumed[fold][key], statistics[fold][key])
+
+    # ... but a fold trained again since is embedded again, and until then profiling refuses its old statistics.
+    model = tmp_path / "models" / names[1] / "model.keras"
+    os.utime(model, ns=(model.stat().st_atime_ns, model.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match=f"{names[1]}/dmso_statistics.npz: fold {names[1]}'s DMSO statistics now "
+                                         f"come from another model"):
+        profiling.read_control_statistics(output)
+    lines.clear()
+    profiling.control_embeddings(tmp_path / "models", table.head(2), dmso_index, dmso, output, log=lines.append)
+    assert "kept" in lines[0] and "embedded" in lines[1] and "1 embedded, 1 kept" in lines[2], lines
+    assert np.allclose(profiling.read_control_statistics(output)[names[1]]["means"], statistics[names[1]]["means"])
+
+    # A job stopped after its first fold continues there; other crops are embedded anew, none kept.
     class Stopped(Exception):
         pass
 
@@ -125,28 +150,30 @@ def test_every_query_is_embedded_by_the_fold_that_held_it_out(tmp_path):
         if "fold 1/" in line:
             raise Stopped(line)
 
-    output = tmp_path / "resumed.npz"
+    output.unlink()
     with pytest.raises(Stopped):
-        profiling.control_embeddings(tmp_path / "models", table.head(2), dmso_index, dmso, output,
+        profiling.control_embeddings(tmp_path / "models", table.head(2), dmso_index, 255 - dmso, output,
                                      log=stop_after_first_fold)
-    assert not output.exists() and len(list(output.with_suffix(".folds").glob("*.npz"))) == 1
-    lines = []
-    profiling.control_embeddings(tmp_path / "models", table.head(2), dmso_index, dmso, output, log=lines.append)
-    assert "fold 1/2" in lines[0] and "kept from an earlier run" in lines[0], lines
-    assert "fold 2/2" in lines[1] and "embedded" in lines[1] and "kept" not in lines[1], lines
-    resumed = profiling.read_control_statistics(output)
-    for fold in names:
-        for key in ("means", "factor"):
-            assert np.array_equal(resumed[fold][key], statistics[fold][key])
-    assert not output.with_suffix(".folds").exists()   # the per-fold parts go once the job's file is written
-    # ... but not when the crops changed since: a kept fold must come from the same model and the same pixels.
-    with pytest.raises(Stopped):
-        profiling.control_embeddings(tmp_path / "models", table.head(2), dmso_index, dmso, output,
-                                     log=stop_after_first_fold)
+    assert not output.exists()   # written last
     lines.clear()
-    profiling.control_embeddings(tmp_path / "models", table.head(2), dmso_index, 255 - dmso, output,
-                                 log=lines.append)
-    assert not any("kept" in line for line in lines), lines
+    profiling.control_embeddings(tmp_path / "models", table.head(2), dmso_index, 255 - dmso, output, log=lines.append)
+    assert "fold 1/2" in lines[0] and "kept" in lines[0], lines
+    assert "fold 2/2" in lines[1] and "embedded" in lines[1] and "kept" not in lines[1], lines
+    assert not np.allclose(profiling.read_control_statistics(output)[names[0]]["means"], statistics[names[0]]["means"])
+
+
+def _write_controls(folder: Path, fold_statistics: dict[str, dict]) -> Path:
+    """`control_embeddings`'s output for folds whose statistics are given: each beside a model file."""
+    entries = []
+    for fold, statistics in fold_statistics.items():
+        model = folder / "models" / fold / "model.keras"
+        model.parent.mkdir(parents=True, exist_ok=True)
+        model.write_bytes(b"model")
+        fingerprint = profiling._control_fingerprint(model, "crops")
+        profiling._write_fold_statistics(model.parent / "dmso_statistics.npz", statistics, fingerprint)
+        entries.append({"fold": fold, "statistics": f"models/{fold}/dmso_statistics.npz", "fingerprint": fingerprint})
+    write_json({"models_dir": str(folder / "models"), "crops": "crops", "folds": entries}, folder / "controls.json")
+    return folder / "controls.json"
 
 
 def _crops(rows, plate, batch, fold="f1"):
@@ -269,7 +296,7 @@ def test_each_fold_is_normalised_to_its_own_models_dmso_crops(tmp_path):
 
     shift = {"f1": np.array([0.0, 0.0, 0.0]), "f2": np.array([4.0, -3.0, 2.0])}
     folds_table = pd.DataFrame({"fold": ["f1", "f2"]})
-    means, covariances = [], []
+    controls = {}
     rng = np.random.default_rng(3)
     base = {"a1": [1, 0, 0.2], "b1": [0, 1, 0.2], "a2": [1, 0.1, -0.2], "b2": [0.1, 1, -0.2]}
     for fold, held_out in (("f1", ["a1", "b1"]), ("f2", ["a2", "b2"])):
@@ -279,15 +306,11 @@ def test_each_fold_is_normalised_to_its_own_models_dmso_crops(tmp_path):
                     tmp_path / fold / "test_predictions.parquet")
         write_array((crops[profiling.feature_columns(crops)].to_numpy() + shift[fold]).astype(np.float32),
                     tmp_path / fold / "test_embeddings.npy")
-        statistics = profiling.control_statistics(rng.normal(0, 0.3, (300, 3)) + shift[fold], ["p1"] * 300)
-        means.append(statistics["means"])
-        covariances.append(statistics["covariance"])
-    np.savez(tmp_path / "controls.npz", folds=np.array(["f1", "f2"]), plates=np.array(["p1"]),
-             means=np.stack(means), covariance=np.stack(covariances))
+        controls[fold] = profiling.control_statistics(rng.normal(0, 0.3, (300, 3)) + shift[fold], ["p1"] * 300)
     embedded = profiling.fold_embeddings(tmp_path, folds_table, log=lambda _: None)
     raw = profiling.treatment_profiles(embedded, statistic="mean")
     assert profiling.nearest_neighbour_moa(raw, not_same_batch=True)[0]["correct"].mean() < 1.0
-    statistics = profiling.read_control_statistics(tmp_path / "controls.npz")
+    statistics = profiling.read_control_statistics(_write_controls(tmp_path, controls))
     for name in ("dmso_center", "dmso_sphere"):
         normalised = profiling._normalised_to_controls(embedded, statistics, profiling.FEATURE_NORMALISATIONS[name],
                                                        0.01, name, log=lambda _: None)
@@ -334,12 +357,14 @@ def test_reading_the_dmso_statistics_holds_one_copy_of_every_folds_covariance(tm
     folds, plates, features = 20, 3, 300
     rng = np.random.default_rng(0)
     covariance = rng.random((folds, features, features), dtype=np.float32)
-    np.savez(tmp_path / "controls.npz", folds=np.array([f"f{k}" for k in range(folds)]),
-             plates=np.array(["p1", "p2", "p3"]), means=rng.random((folds, plates, features)), covariance=covariance)
+    path = _write_controls(tmp_path, {f"f{k}": {"plates": np.array(["p1", "p2", "p3"]),
+                                                "means": rng.random((plates, features)), "covariance": covariance[k]}
+                                      for k in range(folds)})
     tracemalloc.start()
-    statistics = profiling.read_control_statistics(tmp_path / "controls.npz")
+    statistics = profiling.read_control_statistics(path)
     held = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     assert np.array_equal(statistics["f7"]["covariance"], covariance[7])
-    # a fold's slice must not keep its own copy of all folds alive (20 copies here; 38 x 0.64 GB in the study)
+    # one copy of each fold's covariance, not one of all folds per fold (the full-count rehearsal's profiling
+    # job was killed at 24 GB so: 38 x 0.64 GB)
     assert held < 2 * covariance.nbytes

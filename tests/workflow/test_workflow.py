@@ -13,6 +13,7 @@ import pandas as pd
 import yaml
 
 from moaflow import layout
+from moaflow.analysis.profiling import read_control_statistics
 from moaflow.devtools import standin
 from moaflow.devtools.serve import StandinServer
 from moaflow.learn import architectures
@@ -148,10 +149,12 @@ def test_evaluation_and_report(demo):
         assert name in report, name
     # normalised to the DMSO crops (config/config.yaml: dmso_sphere), each fold's model embedding them; named
     assert set(scores["normalisation"]) == {"dmso_sphere"}
-    controls = np.load(workdir / "results" / "bbbc021" / "profiling" / "controls" / "resnet50" / "random" / "seed-0.npz")
+    controls = read_control_statistics(workdir / "results" / "bbbc021" / "profiling" / "controls" / "resnet50"
+                                       / "random" / "seed-0.json")
     dmso = pd.read_parquet(workdir / "results" / "bbbc021" / "dmso" / "index.parquet")
-    assert len(controls["folds"]) == len(pd.read_csv(workdir / "folds_bbbc021.tsv", sep="\t"))
-    assert set(dmso["compound"]) == {"DMSO"} and list(controls["plates"]) == sorted(set(dmso["plate"]))
+    assert list(controls) == list(pd.read_csv(workdir / "folds_bbbc021.tsv", sep="\t")["fold"])
+    assert set(dmso["compound"]) == {"DMSO"}
+    assert all(list(fold["plates"]) == sorted(set(dmso["plate"])) for fold in controls.values())
     assert literature["source"].str.contains("dmso_sphere").any() and "sphered (whitened)" in report
 
 
@@ -183,6 +186,42 @@ def test_second_run_does_nothing(demo):
     # the same configuration as the demo's run (its hash tags the MLflow runs, so a changed
     # configuration would rightly log again)
     config = yaml.safe_load((workdir / "demo.yaml").read_text())
+    again = run_snakemake(workdir, config, "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def _jobs_run(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Snakemake's "Job stats" table of a run: rule -> jobs."""
+    table = (result.stdout + result.stderr).split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    return {rule: int(count) for rule, count in re.findall(r"^(\S+)\s+(\d+)$", table, re.MULTILINE)
+            if rule != "total"}
+
+
+def test_one_plates_crops_redone_redo_that_plate_and_keep_every_trained_fold(demo):
+    """A plate's crops redone: that plate's jobs and the gathers, then what reads the gathered stores, which
+    come out the same; every training job keeps its folds and the DMSO embedding job embeds nothing again."""
+    workdir, _, _, _ = demo
+    config = yaml.safe_load((workdir / "demo.yaml").read_text())
+    plate = config["bbbc021"]["plates"][0]
+    results = workdir / "results"
+    stores = {kind: (results / "bbbc021" / kind / "32.npy").read_bytes() for kind in ("crops", "dmso")}
+    models = {p: p.stat().st_mtime_ns for p in (results / "bbbc021" / "models").rglob("*.keras")}
+    redo = [layout.plate_part(plate, kind) + ".index.parquet" for kind in ("crops", "dmso")]
+    for kind in ("crops", "dmso"):
+        for part in Path(workdir, layout.plate_part(plate, kind)).parent.glob(f"{plate}.*"):
+            part.unlink()
+    # Snakemake leaves a deleted intermediate file alone while what it fed is complete; asked to redo it
+    # (-R, as the README says), it redoes it and what depends on it
+    jobs = _jobs_run(run_snakemake(workdir, config, "-R", *redo))
+    assert jobs["preprocess_bbbc021_plate"] == jobs["preprocess_bbbc021_dmso_plate"] == 1, jobs   # that plate
+    assert not {"illumination_bbbc021", "extract_bbbc021_plate", "preprocess_bbbc014"} & set(jobs), jobs
+    assert jobs["train"] >= 1 and jobs["embed_controls"] == 1, jobs
+    assert all((results / "bbbc021" / kind / "32.npy").read_bytes() == stores[kind] for kind in stores)
+    summaries = [json.loads(p.read_text()) for p in (results / "bbbc021" / "models").rglob("jobs/*.json")]
+    assert summaries and all(fold["kept"] for s in summaries for fold in s["folds"].values())
+    assert {p: p.stat().st_mtime_ns for p in models} == models   # no model written again
+    embedded = (results / "logs" / "profiling" / "controls" / "bbbc021" / "resnet50" / "random" / "seed-0.log")
+    assert re.search(r"DMSO statistics of (\d+) fold\(s\): 0 embedded, \1 kept", embedded.read_text())
     again = run_snakemake(workdir, config, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -443,9 +482,9 @@ def test_a_served_cell_painting_set_is_fetched_cut_and_profiled_against_its_dmso
     assert len(crops) == 2 * 4 * 2 * 4 and set(crops["crop"]) == {0, 1, 2, 3}   # plates x wells x sites x grid
     assert np.load(results / "crops" / "64.npy", mmap_mode="r").shape == (len(crops), 64, 64, 5)
     assert np.load(results / "dmso" / "64.npy", mmap_mode="r").shape == (len(dmso), 64, 64, 5)
-    controls = np.load(results / "profiling" / "controls" / "lab_cnn" / "random" / "seed-0.npz")
-    assert set(controls["plates"]) == {"CPSTANDIN001", "CPSTANDIN002"}
-    assert len(controls["folds"]) == crops["compound"].nunique()
+    controls = read_control_statistics(results / "profiling" / "controls" / "lab_cnn" / "random" / "seed-0.json")
+    assert all(set(fold["plates"]) == {"CPSTANDIN001", "CPSTANDIN002"} for fold in controls.values())
+    assert len(controls) == crops["compound"].nunique()
     profile_log = (tmp_path / "results" / "logs" / "profiling" / "paint.log").read_text()
     assert "features normalised to the DMSO crops" in profile_log, profile_log[-2000:]
     scores = pd.read_csv(results / "profiling" / "nsc_nscb.csv").set_index("score")

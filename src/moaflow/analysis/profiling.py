@@ -24,8 +24,8 @@ under NSCB and are left out, with the count stated.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -244,54 +244,58 @@ def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index
     Each fold's model embeds its held-out crops (`fold_embeddings`), so the DMSO
     crops must be embedded by that same model for the two to share a feature
     space. Only `control_statistics` are kept per fold (the plates' means and
-    the covariance), in ``output`` (``.npz``: ``folds``, ``plates``, ``means``
-    (F, P, D), ``covariance`` (F, D, D) or its ``factor`` (F, N, D)), written atomically.
+    the covariance or its factor, float32), in the fold's own folder
+    (``<models_dir>/<fold>/dmso_statistics.npz``, `moaflow.layout.FOLD_FILES`) with the fingerprint of the
+    model and of the crops' pixels they came from. ``output`` (JSON, written atomically, last) names each
+    fold's file and fingerprint; `read_control_statistics` reads the statistics through it.
 
-    A job stopped part-way (a cluster's time limit: 38 folds each embed every DMSO crop) continues where it
-    stopped: each fold's statistics are first written to ``<output>.folds/<fold>.npz`` with the fingerprint of
-    the model and the crops they came from, and a rerun keeps those whose fingerprint still matches. The folder
-    is removed once ``output`` is written.
+    A fold whose file carries the same fingerprint is kept, not embedded again: a job stopped part-way (a
+    cluster's time limit: 38 folds each embed every DMSO crop) continues where it stopped, and a job rerun
+    because its inputs were rewritten with the same content (one plate's crops redone, every training job
+    keeping its folds) embeds nothing. The statistics exist once, beside the model they came from.
     """
     import keras
 
     from moaflow.learn.feeder import predict
-    from moaflow.files import atomic_path
     from moaflow.learn.models import embedding_model, load_model
 
     started, embedded = time.monotonic(), 0
-    gathered: dict[str, list] = {}
-    plates = None
-    names = list(folds["fold"])
-    parts, crops = Path(output).with_suffix(".folds"), _crops_fingerprint(index, store)
+    names, crops = list(folds["fold"]), _crops_fingerprint(index, store)
+    entries, plates = [], None
     for n, fold in enumerate(names, 1):
         path = layout.fold_file(Path(models_dir) / fold, "model")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: fold {fold}'s trained model is missing (its training job has not "
                                     f"finished)")
-        part, fingerprint = parts / f"{fold}.npz", _control_fingerprint(path, crops)
+        part, fingerprint = layout.fold_file(Path(models_dir) / fold, "dmso_statistics"), _control_fingerprint(path, crops)
         statistics = _kept_statistics(part, fingerprint)
         if statistics is None:
             features = predict(embedding_model(load_model(path)), store, np.arange(len(index)))
             statistics = control_statistics(features, index["plate"])
             keras.backend.clear_session()   # one model at a time in memory
-            with atomic_path(part) as tmp, open(tmp, "wb") as handle:
-                np.savez(handle, fingerprint=fingerprint, **statistics)
+            _write_fold_statistics(part, statistics, fingerprint)
             embedded += 1
             done = "embedded"
         else:
-            done = "kept from an earlier run (same model and crops)"
-        if plates is None:
-            plates = statistics["plates"]
-        for key in statistics.keys() - {"plates"}:   # means, and the covariance or its factor
-            gathered.setdefault(key, []).append(statistics[key])
+            done = "kept (same model and crops)"
+        plates = statistics["plates"]
+        entries.append({"fold": fold, "statistics": os.path.relpath(part, Path(output).parent),
+                        "fingerprint": fingerprint})
         eta = (time.monotonic() - started) / max(embedded, 1) * (len(names) - n) if embedded else 0
         log(f"{models_dir}: fold {n}/{len(names)} ({fold}): {len(index)} DMSO crops of {len(plates)} plate(s) "
             f"{done}, ETA {eta:.0f} s")
-    with atomic_path(output) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, folds=np.array(names), plates=plates, means=np.stack(gathered.pop("means")),
-                     **{key: np.stack(values).astype(np.float32) for key, values in gathered.items()})
-    shutil.rmtree(parts, ignore_errors=True)
+    write_json({"models_dir": str(models_dir), "crops": crops, "folds": entries}, output)
+    log(f"{models_dir}: DMSO statistics of {len(names)} fold(s): {embedded} embedded, {len(names) - embedded} kept")
+
+
+def _write_fold_statistics(path: Path, statistics: dict[str, np.ndarray], fingerprint: str) -> None:
+    """One fold's statistics with their fingerprint, atomically; the covariance or its factor as float32
+    (38 folds of 2048 x 2048 are 0.64 GB so; `sphering_matrix` works in float64)."""
+    from moaflow.files import atomic_path
+
+    spread = {key: statistics[key].astype(np.float32) for key in ("covariance", "factor") if key in statistics}
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, fingerprint=fingerprint, plates=statistics["plates"], means=statistics["means"], **spread)
 
 
 def _crops_fingerprint(index: pd.DataFrame, store) -> str:
@@ -304,13 +308,14 @@ def _crops_fingerprint(index: pd.DataFrame, store) -> str:
 
 
 def _control_fingerprint(model: Path, crops: str) -> str:
-    """What one fold's DMSO statistics depend on: its model file (size, modification time) and the crops."""
+    """What one fold's DMSO statistics depend on: its model file (size, modification time: only training
+    writes it, and a training job that keeps a fold leaves it untouched) and the crops."""
     stat = model.stat()
     return f"{model.name}:{stat.st_size}:{stat.st_mtime_ns}:{crops}"
 
 
 def _kept_statistics(part: Path, fingerprint: str) -> dict[str, np.ndarray] | None:
-    """A fold's statistics from an earlier, stopped run, if they came from the same model and crops."""
+    """A fold's statistics from an earlier run, if they came from the same model and crops."""
     if not part.is_file():
         return None
     with np.load(part) as data:
@@ -349,15 +354,23 @@ def embed_controls(models_dir: str | os.PathLike, folds: str | os.PathLike, inde
 
 
 def read_control_statistics(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
-    """`control_embeddings`'s file as fold name -> `control_statistics`."""
-    with np.load(path) as data:
-        # covariance stays float32 here (38 folds of 2048 x 2048 is 0.64 GB); sphering_matrix works in float64
-        spread = "covariance" if "covariance" in data else "factor"
-        # each data[key] reads the whole array again: read each once, or every fold's slice would keep its own
-        # copy of all folds alive (38 x 0.64 GB: the full-count rehearsal's profiling job was killed at 24 GB)
-        plates, means, spreads = data["plates"], data["means"], data[spread]
-        return {str(fold): {"plates": plates, "means": means[k], spread: spreads[k]}
-                for k, fold in enumerate(data["folds"])}
+    """`control_embeddings`'s folds as fold name -> `control_statistics`, each checked against the fingerprint
+    ``path`` recorded: a fold's file rewritten since, or its model trained again, is an error naming the file
+    (a change of the DMSO crops reruns the embed_controls job: its store is an input)."""
+    path = Path(path)
+    manifest = json.loads(path.read_text())
+    statistics = {}
+    for entry in manifest["folds"]:
+        part = path.parent / entry["statistics"]
+        model = layout.fold_file(part.parent, "model")
+        current = _control_fingerprint(model, manifest["crops"]) if model.is_file() else None
+        kept = _kept_statistics(part, entry["fingerprint"]) if current == entry["fingerprint"] else None
+        if kept is None:
+            state = "are missing" if not part.is_file() else "now come from another model or other DMSO crops"
+            raise ValueError(f"{part}: fold {entry['fold']}'s DMSO statistics {state} ({path} records fingerprint "
+                             f"{entry['fingerprint']}); run the embed_controls job again")
+        statistics[entry["fold"]] = kept
+    return statistics
 
 
 def treatment_profiles(crops: pd.DataFrame, *, statistic: str) -> pd.DataFrame:
