@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Test processes (pytest-xdist). The SLURM cluster's tests and those reading the demo run share one worker
+# (tests/conftest.py: one cluster, one demo run); while they wait on SLURM the other worker runs the rest.
+TEST_WORKERS ?= 2
 
 .PHONY: demo cellpainting-demo test bench lint rehearsal clean-demo
 
@@ -20,7 +23,7 @@ cellpainting-demo: $(STAMP)   # five-channel whole fields served and fetched (RE
 	$(BIN)/moaflow demo --configfile config/cellpainting_demo.yaml --cores 2
 
 test: $(STAMP)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -rs --durations=25
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -rs --durations=25 -n $(TEST_WORKERS) --dist loadgroup
 
 rehearsal: $(STAMP)   # the study's plate map at full counts on a stand-in (README: Resources for the real study)
 	$(BIN)/moaflow rehearse

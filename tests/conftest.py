@@ -55,6 +55,35 @@ JOB = {"gpus": 0, "allow_cpu": DEFAULTS["training"]["allow_cpu"],
        "checkpoint_minutes": DEFAULTS["training"]["checkpoint_minutes"]}
 
 
+#: Test files that start the private SLURM cluster: their tests run in one process (pytest-xdist's group).
+_CLUSTER_FILES = {"test_slurm.py", "test_local_cluster.py"}
+
+
+@pytest.hookimpl(tryfirst=True)   # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """One pytest-xdist group for the cluster's tests and the tests reading the demo run, put first: one
+    cluster up at a time (its tests compare the system's daemons before and after), the demo, which one of them
+    compares with the SLURM run, made once, and the longest unit of work started first."""
+    grouped = [item for item in items
+               if item.path.name in _CLUSTER_FILES or "demo" in getattr(item, "fixturenames", ())]
+    for item in grouped:
+        item.add_marker(pytest.mark.xdist_group("cluster"))
+    items[:] = grouped + [item for item in items if item not in grouped]
+
+
+@pytest.hookimpl(optionalhook=True)   # a pytest-xdist hook, in the controlling process
+def pytest_xdist_node_collection_finished(node, ids):
+    """Stop when pytest-xdist was asked to group and did not: pytest 9.2 made it silently ignore the groups
+    (pytest-dev/pytest-xdist#1386), which would run two clusters, or a cluster beside the impostor daemons of
+    test_local_cluster.py, at once."""
+    if node.config.getoption("dist") != "loadgroup":
+        return
+    cluster = [i for i in ids if Path(i.split("::")[0]).name in _CLUSTER_FILES]
+    if cluster and not all(i.endswith("@cluster") for i in cluster):
+        pytest.exit(f"pytest-xdist --dist loadgroup did not group the cluster's tests ({cluster[0]}): check the "
+                    f"pytest and pytest-xdist pins in pyproject.toml", returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 def study(**overrides) -> dict:
     """`STUDY_PREPROCESSING` with some settings changed."""
     return {**STUDY_PREPROCESSING, **overrides}

@@ -1,4 +1,5 @@
-"""The package itself: every import is a declared dependency, no code is dead, and the wheel works alone."""
+"""The package itself: every import is a declared dependency, no code is dead, the wheel works alone; and the
+suite's own harness (tests/conftest.py's test groups)."""
 
 import ast
 import importlib.metadata
@@ -7,6 +8,8 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import BIN, REPO
 
@@ -98,3 +101,17 @@ def test_no_function_is_longer_than_80_lines():
             for path in SRC.rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
     assert not long, long
+
+
+def test_the_suite_stops_when_pytest_xdist_loses_the_cluster_group():
+    """pytest 9.2 made pytest-xdist's loadgroup ignore groups silently: two clusters would then run at once."""
+    from types import SimpleNamespace
+
+    from tests import conftest
+
+    node = SimpleNamespace(config=SimpleNamespace(getoption=lambda name: "loadgroup"))
+    with pytest.raises(pytest.exit.Exception, match="did not group the cluster's tests"):
+        conftest.pytest_xdist_node_collection_finished(node, ["tests/workflow/test_slurm.py::test_up",
+                                                              "tests/test_logs.py::test_lines"])
+    conftest.pytest_xdist_node_collection_finished(node, ["tests/workflow/test_slurm.py::test_up@cluster",
+                                                          "tests/test_logs.py::test_lines"])   # grouped: goes on

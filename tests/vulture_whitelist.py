@@ -1,7 +1,8 @@
-# Names vulture cannot see used: framework hooks (Keras, http.server), names the Snakemake rules (not Python
+# Names vulture cannot see used: framework hooks (Keras, http.server, pytest), names the Snakemake rules (not Python
 # files) call, and registry entries read by attribute. The steps the rules run by name (moaflow.steps) are
 # added by test_package itself. Keras' on_epoch_begin is ignored by name in test_package.
 from moaflow import config, layout, study, tracking
+from tests import conftest
 from moaflow.devtools import serve
 from moaflow.learn import architectures, models
 
@@ -14,3 +15,4 @@ _ = (study.resolve_plates, tracking.start_parent, config.crops_datasets, config.
      layout.interpretation, layout.mlflow, layout.log, layout.report, layout.illumination_figure, layout.raw,
      layout.plate_images, layout.images_dir, layout.image_table, layout.weights, layout.checkpoints,
      layout.evaluation, layout.profiling, layout.plate_part, layout.store_index, layout.folds)
+_ = conftest.pytest_collection_modifyitems, conftest.pytest_xdist_node_collection_finished   # pytest hooks
