@@ -172,7 +172,7 @@ def _write_controls(folder: Path, fold_statistics: dict[str, dict]) -> Path:
         fingerprint = profiling._control_fingerprint(model, "crops")
         profiling._write_fold_statistics(model.parent / "dmso_statistics.npz", statistics, fingerprint)
         entries.append({"fold": fold, "statistics": f"models/{fold}/dmso_statistics.npz", "fingerprint": fingerprint})
-    write_json({"models_dir": str(folder / "models"), "crops": "crops", "folds": entries}, folder / "controls.json")
+    write_json({"crops": "crops", "folds": entries}, folder / "controls.json")
     return folder / "controls.json"
 
 

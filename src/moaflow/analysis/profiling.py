@@ -267,7 +267,8 @@ def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index
         if not path.is_file():
             raise FileNotFoundError(f"{path}: fold {fold}'s trained model is missing (its training job has not "
                                     f"finished)")
-        part, fingerprint = layout.fold_file(Path(models_dir) / fold, "dmso_statistics"), _control_fingerprint(path, crops)
+        part = layout.fold_file(Path(models_dir) / fold, "dmso_statistics")
+        fingerprint = _control_fingerprint(path, crops)
         statistics = _kept_statistics(part, fingerprint)
         if statistics is None:
             features = predict(embedding_model(load_model(path)), store, np.arange(len(index)))
@@ -284,7 +285,7 @@ def control_embeddings(models_dir: str | os.PathLike, folds: pd.DataFrame, index
         eta = (time.monotonic() - started) / max(embedded, 1) * (len(names) - n) if embedded else 0
         log(f"{models_dir}: fold {n}/{len(names)} ({fold}): {len(index)} DMSO crops of {len(plates)} plate(s) "
             f"{done}, ETA {eta:.0f} s")
-    write_json({"models_dir": str(models_dir), "crops": crops, "folds": entries}, output)
+    write_json({"crops": crops, "folds": entries}, output)
     log(f"{models_dir}: DMSO statistics of {len(names)} fold(s): {embedded} embedded, {len(names) - embedded} kept")
 
 
